@@ -1,0 +1,65 @@
+"""Shared defaults. Every field is overridable from the command line, e.g.
+`--config.coreset.percentage=0.01`; the config is locked, so a misspelt key fails loudly."""
+import ml_collections
+
+from patchcore_jax import backbones
+
+
+def parse_arg(arg, **defaults):
+  """'category=bottle,backbone=vgg16' -> dict, starting from `defaults`; unknown keys fail."""
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in out:
+      raise ValueError(f'bad config argument {item!r}; known keys: {sorted(out)}')
+    out[key] = type(out[key])(value) if out[key] is not None else value
+  return out
+
+
+def get_base_config(backbone='efficientnet_lite2'):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'mvtec'  # mvtec | mtd | folder | synthetic
+  config.data.root = ''  # Dataset root (for mvtec: the folder holding the category folders).
+  config.data.categories = ('bottle',)  # mvtec / synthetic categories to run.
+  config.data.transform = 'resize_crop'  # resize_crop: shorter side -> resize, centre crop; resize: square.
+  config.data.resize = 256  # Shorter side before the centre crop (resize_crop only).
+  config.data.image_size = 224  # Network input size (the paper also runs 280 and 320).
+  config.data.batch_size = 8
+  config.data.num_workers = 2  # Image-decoding threads.
+  config.data.max_train_images = -1  # > 0: use only the first N training images.
+
+  config.backbone = ml_collections.ConfigDict()
+  config.backbone.name = backbone  # One of patchcore_jax.backbones.NAMES.
+  config.backbone.stages = backbones.DEFAULT_STAGES[backbone]  # (stride 8, stride 16) stages.
+  config.backbone.checkpoint = ''  # Weights file; required for the ResNet family.
+  config.backbone.cache_dir = ''  # Converted .npz weights ('' -> $PATCHCORE_JAX_CACHE or ~/.cache).
+  config.backbone.random_seed = -1  # >= 0: seeded random weights (tests, benchmarks).
+
+  config.features = ml_collections.ConfigDict()
+  config.features.patch_size = 3  # Neighbourhood aggregation p.
+  config.features.patch_stride = 1
+  config.features.pretrain_dim = 1024  # Per-stage adaptive pooling length.
+  config.features.target_dim = 1024  # Final patch-feature length.
+
+  config.coreset = ml_collections.ConfigDict()
+  config.coreset.percentage = 0.1  # Fraction of patches kept; 1.0 keeps the whole bank.
+  config.coreset.projection_dim = 128  # Johnson-Lindenstrauss projection for coreset distances.
+  config.coreset.num_starts = 10  # Random points defining the initial distances.
+
+  config.knn = ml_collections.ConfigDict()
+  config.knn.k = 1  # Nearest neighbours averaged into a patch score (the official code uses 1).
+  config.knn.block_size = 4096  # Memory-bank rows per distance block.
+  config.knn.precision = 'highest'  # Matmul precision of the distances (default|high|highest).
+
+  config.scoring = ml_collections.ConfigDict()
+  config.scoring.distance = 'squared_l2'  # squared_l2 (official code) | l2 (paper).
+  config.scoring.reweight = False  # Paper Eq. 7 image-score reweighting (not in the official code).
+  config.scoring.reweight_neighbours = 9  # b in Eq. 7.
+  config.scoring.sigma = 4.0  # Gaussian smoothing of the anomaly maps.
+
+  config.output = ml_collections.ConfigDict()
+  config.output.num_overlays = 8  # Anomaly-map overlay PNGs per category.
+  return config

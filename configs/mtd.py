@@ -1,0 +1,24 @@
+r"""PatchCore on Magnetic Tile Defects (MTD).
+
+  python launch.py --config=configs/mtd.py:backbone=vgg16 --config.coreset.percentage=0.01 \
+      --config.data.root=/path/to/mtd --workdir=workdirs/mtd_vgg16
+
+Protocol: sorted MT_Free names, index % 5 == 0 -> test (191 good), the rest train (761); all 392
+defective tiles test. Tiles are not square: they are resized to 224 x 224 without the centre crop
+(the crop would cut the defect out of 162 of the 392 defective tiles).
+
+Expected (measured on a 2-core CPU, see README): VGG16 PatchCore-1 % image AUROC 0.8940 (the
+official implementation's reference row).
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, backbone='efficientnet_lite2', percentage=0.1)
+  config = common.get_base_config(args['backbone'])
+  config.data.name = 'mtd'
+  config.data.categories = ('mtd',)
+  config.data.transform = 'resize'
+  config.coreset.percentage = args['percentage']
+  config.lock()
+  return config

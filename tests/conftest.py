@@ -1,0 +1,23 @@
+"""Shared test helpers.
+
+Tests that need the real data read it from $PATCHCORE_SHARED (the `shared` folder holding
+data/ and reference/); they skip with that reason when it is unset. CI sets it.
+"""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def shared_path(*parts):
+  """Path under $PATCHCORE_SHARED, or skip the test saying why."""
+  root = os.environ.get('PATCHCORE_SHARED')
+  if not root:
+    pytest.skip('needs the real data: set PATCHCORE_SHARED to the folder holding data/ and '
+                'reference/ (CI sets it)')
+  path = os.path.join(root, *parts)
+  if not os.path.exists(path):
+    pytest.fail(f'PATCHCORE_SHARED is set but {path} does not exist')
+  return path

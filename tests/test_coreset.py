@@ -1,0 +1,92 @@
+"""Greedy coreset against a brute-force numpy loop (the official algorithm, step by step)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from patchcore_jax import coreset
+
+
+def _numpy_greedy(projected, starts, num_samples):
+  """The official ApproximateGreedyCoresetSampler on already projected features, in float64."""
+  def dist(a, b):
+    return np.sqrt(np.maximum(((a[:, None, :] - b[None]) ** 2).sum(-1), 0))
+  min_dist = dist(projected, projected[starts]).mean(axis=1)
+  selected = []
+  for _ in range(num_samples):
+    i = int(np.argmax(min_dist))
+    selected.append(i)
+    min_dist = np.minimum(min_dist, dist(projected, projected[i:i + 1])[:, 0])
+  return np.array(selected)
+
+
+def _clustered(n, d, seed):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(12, d)) * 5
+  return (centres[rng.integers(0, 12, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize('n,d,percentage', [(500, 32, 0.1), (300, 64, 0.25), (257, 16, 0.01)])
+def test_matches_numpy_greedy(n, d, percentage):
+  features = jnp.asarray(_clustered(n, d, seed=n))
+  key = jax.random.key(3)
+  ours = np.asarray(coreset.approximate_greedy_coreset(features, percentage=percentage, key=key,
+                                                        projection_dim=8))
+  # Rebuild the same projection and starting points, then run the plain algorithm in numpy.
+  proj_key, start_key = jax.random.split(key)
+  projected = np.asarray(features @ coreset.random_projection(proj_key, d, 8), np.float64)
+  starts = np.asarray(jax.random.choice(start_key, n, (10,), replace=False))
+  ref = _numpy_greedy(projected, starts, int(n * percentage))
+  assert len(ours) == int(n * percentage)
+  np.testing.assert_array_equal(ours, ref)
+
+
+def test_chunked_loop_equals_single_loop():
+  features = jnp.asarray(_clustered(400, 24, seed=1))
+  key = jax.random.key(0)
+  one = coreset.approximate_greedy_coreset(features, percentage=0.2, key=key, projection_dim=16)
+  seen = []
+  chunked = coreset.approximate_greedy_coreset(features, percentage=0.2, key=key,
+                                               projection_dim=16, chunk_size=7,
+                                               progress=lambda d, t: seen.append((d, t)))
+  np.testing.assert_array_equal(np.asarray(one), np.asarray(chunked))
+  assert seen[-1] == (80, 80) and len(seen) == 12
+
+
+def test_full_percentage_keeps_everything_and_bad_values_fail():
+  features = jnp.ones((10, 4))
+  np.testing.assert_array_equal(
+      coreset.approximate_greedy_coreset(features, percentage=1.0, key=jax.random.key(0)),
+      np.arange(10))
+  with pytest.raises(ValueError):
+    coreset.approximate_greedy_coreset(features, percentage=0.0, key=jax.random.key(0))
+  with pytest.raises(ValueError):
+    coreset.approximate_greedy_coreset(features, percentage=0.05, key=jax.random.key(0))
+
+
+def test_selected_points_are_distinct_and_cover():
+  features = jnp.asarray(_clustered(600, 32, seed=5))
+  idx = np.asarray(coreset.approximate_greedy_coreset(features, percentage=0.05,
+                                                      key=jax.random.key(1)))
+  assert len(set(idx.tolist())) == len(idx)
+  # Each of the 12 clusters holds at least one coreset point (k-center covers the clusters).
+  x = np.asarray(features)
+  d = ((x[:, None] - x[idx][None]) ** 2).sum(-1).min(1)
+  assert d.max() < np.median(((x[:50, None] - x[None, :50]) ** 2).sum(-1))
+
+
+def test_projection_is_blocked_correctly():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1000, 20)).astype(np.float32))
+  m = coreset.random_projection(jax.random.key(0), 20, 5)
+  np.testing.assert_allclose(np.asarray(coreset.project(x, m, block_size=64)),
+                             np.asarray(x @ m).T, rtol=1e-5, atol=1e-5)
+
+
+def test_loop_compiles_once():
+  features = jnp.asarray(_clustered(300, 8, seed=2))
+  before = coreset._greedy_chunk._cache_size()
+  for pct in (0.1, 0.2):
+    coreset.approximate_greedy_coreset(features, percentage=pct, key=jax.random.key(0),
+                                       projection_dim=4, chunk_size=13)
+  # Different percentages and chunk bounds reuse one compilation per bank shape (+ selected size).
+  assert coreset._greedy_chunk._cache_size() - before == 2

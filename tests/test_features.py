@@ -1,0 +1,108 @@
+"""Patch features against torch: Unfold, adaptive_avg_pool1d, interpolate, the official _embed."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from patchcore_jax import features
+
+
+def _nhwc(x):
+  return jnp.asarray(x.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize('in_size,out_size', [(14, 28), (13, 28), (28, 14), (7, 224), (5, 5)])
+def test_interpolation_matrix_matches_torch(in_size, out_size):
+  x = torch.randn(1, 1, in_size, 1, dtype=torch.float64)
+  ref = F.interpolate(x, size=(out_size, 1), mode='bilinear', align_corners=False)[0, 0, :, 0]
+  ours = features.interpolation_matrix(in_size, out_size).astype(np.float64) @ x[0, 0, :, 0].numpy()
+  np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_resize_bilinear_matches_torch():
+  x = torch.randn(2, 5, 14, 11)
+  ref = F.interpolate(x, size=(28, 23), mode='bilinear', align_corners=False)
+  ours = features.resize_bilinear(_nhwc(x), (28, 23))
+  np.testing.assert_allclose(np.asarray(ours), ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize('patch_size,stride', [(3, 1), (5, 1), (3, 2), (1, 1)])
+def test_patchify_matches_torch_unfold(patch_size, stride):
+  x = torch.randn(2, 4, 9, 7)
+  pad = (patch_size - 1) // 2
+  ref = F.unfold(x, kernel_size=patch_size, stride=stride, padding=pad)  # [B, C*p*p, L]
+  ours = features.patchify(_nhwc(x), patch_size=patch_size, stride=stride)
+  b, h, w, d = ours.shape
+  np.testing.assert_array_equal(np.asarray(ours).reshape(b, h * w, d),
+                                ref.permute(0, 2, 1).numpy())
+
+
+@pytest.mark.parametrize('length,out', [(4608, 1024), (9216, 1024), (432, 1024), (1080, 1024),
+                                        (2048, 1024), (10, 3), (7, 7), (3, 10)])
+def test_adaptive_avg_pool_matches_torch(length, out):
+  x = torch.randn(6, length)
+  ref = F.adaptive_avg_pool1d(x[:, None], out)[:, 0]
+  ours = features.adaptive_avg_pool_1d(jnp.asarray(x.numpy()), out)
+  np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _official_embed(maps, patch_size=3, stride=1, pretrain_dim=1024, target_dim=1024):
+  """PatchCore's `_embed` after feature extraction, transcribed from the official code."""
+  padding = (patch_size - 1) // 2
+  feats, shapes = [], []
+  for x in maps:
+    unfolded = F.unfold(x, kernel_size=patch_size, stride=stride, padding=padding)
+    n = [int((s + 2 * padding - (patch_size - 1) - 1) / stride + 1) for s in x.shape[-2:]]
+    unfolded = unfolded.reshape(*x.shape[:2], patch_size, patch_size, -1).permute(0, 4, 1, 2, 3)
+    feats.append(unfolded)
+    shapes.append(n)
+  ref = shapes[0]
+  for i in range(1, len(feats)):
+    f = feats[i].reshape(feats[i].shape[0], shapes[i][0], shapes[i][1], *feats[i].shape[2:])
+    f = f.permute(0, -3, -2, -1, 1, 2)
+    base = f.shape
+    f = f.reshape(-1, *f.shape[-2:])
+    f = F.interpolate(f.unsqueeze(1), size=(ref[0], ref[1]), mode='bilinear', align_corners=False)
+    f = f.squeeze(1).reshape(*base[:-2], ref[0], ref[1]).permute(0, -2, -1, 1, 2, 3)
+    feats[i] = f.reshape(len(f), -1, *f.shape[-3:])
+  feats = [x.reshape(-1, *x.shape[-3:]) for x in feats]
+  pooled = [F.adaptive_avg_pool1d(x.reshape(len(x), 1, -1), pretrain_dim).squeeze(1) for x in feats]
+  stacked = torch.stack(pooled, dim=1)
+  return F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), target_dim).reshape(
+      len(stacked), -1)
+
+
+@pytest.mark.parametrize('channels,dims', [((16, 24), (64, 64)), ((48, 120), (1024, 1024)),
+                                           ((512, 1024), (1024, 1024))])
+def test_patch_features_match_official_embed(channels, dims):
+  torch.manual_seed(0)
+  maps = [torch.randn(2, channels[0], 8, 8), torch.randn(2, channels[1], 4, 4)]
+  ref = _official_embed(maps, pretrain_dim=dims[0], target_dim=dims[1])
+  ours = features.patch_features([_nhwc(m) for m in maps], pretrain_dim=dims[0],
+                                 target_dim=dims[1])
+  assert ours.shape == (2, 8, 8, dims[1])
+  np.testing.assert_allclose(np.asarray(ours).reshape(-1, dims[1]), ref.numpy(), atol=2e-5)
+
+
+def test_normalize():
+  x = jnp.ones((1, 2, 2, 3)) * 0.5
+  out = np.asarray(features.normalize(x))[0, 0, 0]
+  np.testing.assert_allclose(out, (0.5 - np.array(features.IMAGENET_MEAN)) /
+                             np.array(features.IMAGENET_STD), rtol=1e-6)
+
+
+def test_embed_compiles_once_per_shape():
+  traces = []
+
+  def apply(variables, x):
+    traces.append(x.shape)
+    return {'a': x[:, ::2, ::2] * variables, 'b': x[:, ::4, ::4]}
+
+  fn = jax.jit(lambda v, x: features.embed(apply, v, x, stages=('a', 'b'), pretrain_dim=8,
+                                           target_dim=8))
+  for _ in range(3):
+    fn(2.0, jnp.ones((2, 16, 16, 3)))
+  fn(2.0, jnp.ones((3, 16, 16, 3)))
+  assert len(traces) == 2
