@@ -5,6 +5,7 @@ r"""The embedded default: PatchCore on a procedurally generated dataset, no down
 Generates two small categories ('weave' fabric and 'tiles', 60 training and 51 test images each,
 with pixel masks) under <workdir>/data unless --config.data.root is given, then runs
 EfficientNet-Lite2 (ImageNet weights from the installed package) with a 10 % coreset.
+Arguments: category (weave, tiles or weave+tiles), backbone, percentage.
 
 Expected (measured on a 2-core CPU, see README): weave image AUROC 1.0000, tiles 1.0000;
 both finish in about a minute.
@@ -13,10 +14,11 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, backbone='efficientnet_lite2', percentage=0.1)
+  args = common.parse_arg(arg, category='weave+tiles', backbone='efficientnet_lite2',
+                          percentage=0.1)
   config = common.get_base_config(args['backbone'])
   config.data.name = 'synthetic'
-  config.data.categories = ('weave', 'tiles')
+  config.data.categories = tuple(args['category'].split('+'))
   config.data.transform = 'resize'  # The generated images are square; keep defects at the border.
   config.coreset.percentage = args['percentage']
   config.lock()

@@ -35,8 +35,10 @@ def _load_backbone(config):
   bb = config.backbone
   stages = tuple(bb.stages) or None
   seed = bb.random_seed if bb.random_seed >= 0 else None
-  return backbones.load_backbone(bb.name, stages=stages, checkpoint=bb.checkpoint,
-                                 cache_dir=bb.cache_dir, random_seed=seed)
+  backbone = backbones.load_backbone(bb.name, stages=stages, checkpoint=bb.checkpoint,
+                                     cache_dir=bb.cache_dir, random_seed=seed)
+  return backbones.official_bn_probe(backbone, image_size=config.data.image_size,
+                                     passes=bb.official_bn_probe_passes)
 
 
 def _overlay_indices(split, count):

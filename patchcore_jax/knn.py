@@ -27,7 +27,7 @@ class Bank(NamedTuple):
     return int(jnp.sum(jnp.isfinite(self.norms)))
 
 
-def prepare_bank(features, *, block_size=4096):
+def prepare_bank(features, *, block_size=1024):
   """features: [M, D] -> Bank with blocks of `block_size` rows."""
   m, d = features.shape
   block_size = min(block_size, m)

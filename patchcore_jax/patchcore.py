@@ -51,7 +51,7 @@ def build_memory_bank(embed_fn, batches, *, num_images):
 
 
 def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=10,
-              block_size=4096, precision='highest'):
+              block_size=1024, precision='highest'):
   """Approximate greedy coreset of `bank_features` [N, D] -> (knn.Bank, indices [M])."""
   features = jnp.asarray(bank_features)
   start = time.perf_counter()

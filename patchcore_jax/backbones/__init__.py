@@ -152,3 +152,30 @@ def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed
   variables = weights_lib.strict_merge(expected, {k: flat[k] for k in expected}, source=source)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   return Backbone(name, model, variables, stages, strides)
+
+
+def official_bn_probe(backbone, *, image_size, passes=1):
+  """Reproduces a side effect of the official implementation on BatchNorm statistics.
+
+  The official `PatchCore.load` sizes its layers with `feature_dimensions`, which runs the freshly
+  loaded backbone (still in PyTorch's training mode) on an all-ones image of the input size. Each
+  such pass moves every BatchNorm's running statistics, up to the deepest extracted stage, towards
+  that image's batch statistics (momentum 0.1 for torchvision models). The parity reference in
+  shared/reference was produced with two such passes; `passes=2` reproduces its scores to float32
+  rounding. PatchCore itself has no such step: the default everywhere is 0 passes.
+
+  Args:
+    backbone: a `Backbone`.
+    image_size: side of the (square) probe image, the model's input size.
+    passes: how many probe passes.
+  Returns:
+    A `Backbone` with updated batch statistics (the same one if it has none or passes == 0).
+  """
+  if passes <= 0 or 'batch_stats' not in backbone.variables:
+    return backbone
+  ones = jnp.ones((1, image_size, image_size, 3), jnp.float32)  # Not normalised, as there.
+  step = jax.jit(lambda v: backbone.model.apply(v, ones, mutable=['batch_stats'])[1])
+  variables = dict(backbone.variables)
+  for _ in range(passes):
+    variables = {**variables, **step(variables)}
+  return dataclasses.replace(backbone, variables=variables)

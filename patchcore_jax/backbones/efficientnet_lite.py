@@ -12,6 +12,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from patchcore_jax.backbones.layers import BatchNorm
+
 # (repeats, kernel, stride, expand ratio, input filters, output filters), as in the TF release.
 _BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
            (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
@@ -20,7 +22,8 @@ COEFFICIENTS = {'efficientnet_lite0': (1.0, 1.0), 'efficientnet_lite1': (1.0, 1.
                 'efficientnet_lite2': (1.1, 1.2), 'efficientnet_lite3': (1.2, 1.4),
                 'efficientnet_lite4': (1.4, 1.8)}
 
-_BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3)
+# The reference implementation's BatchNorm: epsilon 1e-3, PyTorch momentum 1 - 0.99.
+_BatchNorm = functools.partial(BatchNorm, epsilon=1e-3, momentum=0.01)
 
 
 def _round_filters(filters, width, divisor=8):
@@ -63,6 +66,38 @@ def default_stages(name):
   return (last(8), last(16))
 
 
+def same_pads(size, kernel, stride):
+  """TensorFlow 'SAME' padding (before, after) of one spatial axis."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise convolution with 'SAME' padding, as k*k shifted multiply-adds.
+
+  Same parameters as `nn.Conv(C, (k, k), feature_group_count=C)` (kernel [k, k, 1, C]) and the
+  same result, but XLA's CPU backend runs grouped convolutions 10-50x slower than this form.
+  """
+  kernel_size: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    k, s = self.kernel_size, self.stride
+    c = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
+    (top, bottom), (left, right) = same_pads(x.shape[1], k, s), same_pads(x.shape[2], k, s)
+    out_h, out_w = -(-x.shape[1] // s), -(-x.shape[2] // s)
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out = None
+    for i in range(k):
+      for j in range(k):
+        tap = x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :] * kernel[i, j, 0]
+        out = tap if out is None else out + tap
+    return out
+
+
 class MBConv(nn.Module):
   kernel: int
   stride: int
@@ -76,8 +111,7 @@ class MBConv(nn.Module):
     mid = self.cin * self.expand
     if self.expand != 1:
       y = nn.relu6(_BatchNorm(name='bn0')(nn.Conv(mid, (1, 1), use_bias=False, name='expand_conv')(y)))
-    y = nn.Conv(mid, (self.kernel, self.kernel), strides=(self.stride, self.stride), padding='SAME',
-                feature_group_count=mid, use_bias=False, name='depthwise_conv')(y)
+    y = DepthwiseConv(self.kernel, self.stride, name='depthwise_conv')(y)
     y = nn.relu6(_BatchNorm(name='bn1')(y))
     y = _BatchNorm(name='bn2')(nn.Conv(self.cout, (1, 1), use_bias=False, name='project_conv')(y))
     if self.stride == 1 and self.cin == self.cout:

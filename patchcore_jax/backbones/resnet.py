@@ -4,16 +4,16 @@ Module names mirror torchvision's parameter names ('layer1.0.downsample.1' -> 'l
 so torchvision state dicts convert by renaming alone. `__call__` returns a dict of the stage outputs
 named in `stages` ('stem', 'layer1'..'layer4', 'logits') and stops after the deepest one.
 """
-import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from patchcore_jax.backbones.layers import BatchNorm
+
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'logits')
 STRIDES = {'stem': 4, 'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32}
 
-_BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9, epsilon=1e-5)
 
 
 def _conv(features, kernel, stride=1, groups=1, name=None):
@@ -33,10 +33,10 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     identity = x
-    y = nn.relu(_BatchNorm(name='bn1')(_conv(self.planes, 3, self.stride, name='conv1')(x)))
-    y = _BatchNorm(name='bn2')(_conv(self.planes, 3, name='conv2')(y))
+    y = nn.relu(BatchNorm(name='bn1')(_conv(self.planes, 3, self.stride, name='conv1')(x)))
+    y = BatchNorm(name='bn2')(_conv(self.planes, 3, name='conv2')(y))
     if self.downsample:
-      identity = _BatchNorm(name='downsample_1')(
+      identity = BatchNorm(name='downsample_1')(
           _conv(self.planes, 1, self.stride, name='downsample_0')(x))
     return nn.relu(y + identity)
 
@@ -54,11 +54,11 @@ class Bottleneck(nn.Module):
   def __call__(self, x):
     width = int(self.planes * (self.base_width / 64.0)) * self.groups
     identity = x
-    y = nn.relu(_BatchNorm(name='bn1')(_conv(width, 1, name='conv1')(x)))
-    y = nn.relu(_BatchNorm(name='bn2')(_conv(width, 3, self.stride, self.groups, name='conv2')(y)))
-    y = _BatchNorm(name='bn3')(_conv(self.planes * 4, 1, name='conv3')(y))
+    y = nn.relu(BatchNorm(name='bn1')(_conv(width, 1, name='conv1')(x)))
+    y = nn.relu(BatchNorm(name='bn2')(_conv(width, 3, self.stride, self.groups, name='conv2')(y)))
+    y = BatchNorm(name='bn3')(_conv(self.planes * 4, 1, name='conv3')(y))
     if self.downsample:
-      identity = _BatchNorm(name='downsample_1')(
+      identity = BatchNorm(name='downsample_1')(
           _conv(self.planes * 4, 1, self.stride, name='downsample_0')(x))
     return nn.relu(y + identity)
 
@@ -88,7 +88,7 @@ class ResNet(nn.Module):
       raise ValueError(f'unknown ResNet stages {sorted(unknown)}; known: {STAGES}')
     last = max(STAGES.index(s) for s in self.stages)
     out = {}
-    x = nn.relu(_BatchNorm(name='bn1')(
+    x = nn.relu(BatchNorm(name='bn1')(
         nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
                 name='conv1')(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

