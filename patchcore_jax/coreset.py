@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 
 def random_projection(key, in_dim, out_dim=128):
@@ -20,14 +21,25 @@ def random_projection(key, in_dim, out_dim=128):
   return jax.random.normal(key, (in_dim, out_dim), jnp.float32) / jnp.sqrt(out_dim)
 
 
-@functools.partial(jax.jit, static_argnames=('block_size',))
+@jax.jit
+def _project_block(block, matrix):
+  return jnp.dot(block, matrix, precision=lax.Precision.HIGHEST).T  # [d, block]
+
+
 def project(features, matrix, *, block_size=16384):
-  """features [N, D] @ matrix [D, d] -> transposed projection [d, N], computed in row blocks."""
+  """features [N, D] @ matrix [D, d] -> the transposed projection [d, N].
+
+  Works in row blocks (the last one zero-padded, so one compilation), taking the blocks straight
+  from a host (numpy) bank, so the full bank is never copied to the device.
+  """
   n = features.shape[0]
-  pad = (-n) % block_size
-  blocks = jnp.pad(features, ((0, pad), (0, 0))).reshape(-1, block_size, features.shape[1])
-  out = lax.map(lambda b: jnp.dot(b, matrix, precision=lax.Precision.HIGHEST), blocks)
-  return out.reshape(-1, matrix.shape[1])[:n].T
+  out = []
+  for start in range(0, n, block_size):
+    block = np.asarray(features[start:start + block_size], np.float32)
+    if block.shape[0] < block_size and n > block_size:
+      block = np.pad(block, ((0, block_size - block.shape[0]), (0, 0)))
+    out.append(_project_block(block, matrix))
+  return jnp.concatenate(out, axis=1)[:, :n]
 
 
 def _sq_dist_to(projected_t, norms, index, precision):
@@ -76,6 +88,7 @@ def greedy_coreset_loop(projected_t, init_dist, *, num_samples, precision='highe
     min_dist, selected = _greedy_chunk(projected_t, min_dist, selected, start, stop,
                                        precision=precision)
     if progress is not None:
+      selected.block_until_ready()  # Report finished work, not dispatched work.
       progress(stop, num_samples)
   return selected
 
@@ -96,7 +109,7 @@ def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128,
   """Indices of the approximate greedy coreset of `features`.
 
   Args:
-    features: [N, D] float32 memory bank.
+    features: [N, D] float32 memory bank (numpy or jax; numpy is read block by block).
     percentage: fraction to keep; the coreset has int(N * percentage) points. 1.0 keeps all.
     key: PRNG key for the projection and the starting points.
     projection_dim: Johnson-Lindenstrauss dimension (official: 128).

@@ -52,8 +52,11 @@ def build_memory_bank(embed_fn, batches, *, num_images):
 
 def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=10,
               block_size=1024, precision='highest'):
-  """Approximate greedy coreset of `bank_features` [N, D] -> (knn.Bank, indices [M])."""
-  features = jnp.asarray(bank_features)
+  """Approximate greedy coreset of `bank_features` [N, D] -> (knn.Bank, indices [M]).
+
+  A host (numpy) bank stays on the host: only its projection and the selected rows go to the
+  device, so memory holds one full-precision copy of the bank plus its projection.
+  """
   start = time.perf_counter()
 
   def progress(done, total):
@@ -61,9 +64,14 @@ def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=
                  1000 * (time.perf_counter() - start) / done)
 
   indices = coreset.approximate_greedy_coreset(
-      features, percentage=percentage, key=key, projection_dim=projection_dim,
+      bank_features, percentage=percentage, key=key, projection_dim=projection_dim,
       num_starts=num_starts, precision=precision, chunk_size=2000, progress=progress)
-  selected = features if percentage == 1.0 else features[indices]
+  if percentage == 1.0:
+    selected = bank_features
+  elif isinstance(bank_features, np.ndarray):
+    selected = bank_features[np.asarray(indices)]
+  else:
+    selected = bank_features[indices]
   return knn.prepare_bank(selected, block_size=block_size), indices
 
 

@@ -54,7 +54,7 @@ def test_parity_with_official_wide_resnet50_full_bank(tmp_path):
                 'shared/reference/make_wrn50_bnrand.py (torch 2.14.1 + torchvision 0.29.1)')
   reference_csv = shared_path('reference', 'wrn50_bnrand_bottle_full_bank_scores.csv')
   result, workdir = _run(tmp_path, 'category=bottle,backbone=wide_resnet50_2,percentage=1.0',
-                         backbone__checkpoint=checkpoint)
+                         backbone__checkpoint=checkpoint, backbone__official_bn_probe_passes=2)
   with open(reference_csv) as f:
     ref = {row['path'].split('bottle/', 1)[1]: float(row['score']) for row in csv.DictReader(f)}
   with open(os.path.join(workdir, 'scores', 'bottle.csv')) as f:
