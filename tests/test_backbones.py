@@ -26,20 +26,20 @@ def _assert_close(ours, ref_nchw):
   assert err <= 1e-4 * max(1.0, np.abs(ref).max()), err
 
 
-@pytest.mark.parametrize('arch', ['resnet18', 'wide_resnet50_2', 'resnext50_32x4d'])
+@pytest.mark.parametrize('arch', sorted(resnet.ARCHS))
 def test_resnet_matches_torchvision(arch, tmp_path):
   fixture = np.load(os.path.join(FIXTURES, f'{arch}.npz'))
   shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
   state = seeded_state_dict(list(zip(fixture['names'], shapes)))
   flat = weights.torch_to_flax(state, resnet.torch_rename)
-  stages = ('stem', 'layer1', 'layer2', 'layer3')
+  stages = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
   model, _ = backbones.build_model(arch, stages)
   full, _ = backbones.build_model(arch, ('logits',))
   weights.strict_merge(weights.expected_shapes(full), flat)  # Every torchvision key is used.
   expected = weights.expected_shapes(model)
   variables = weights.strict_merge(expected, {k: flat[k] for k in expected})
   apply = jax.jit(model.apply)
-  for tag in ('64x64', '48x80'):
+  for tag in ('48x48', '32x48'):
     out = apply(variables, jnp.asarray(fixture[f'input_{tag}'].transpose(0, 2, 3, 1)))
     for stage in stages:
       _assert_close(out[stage], fixture[f'{stage}_{tag}'])

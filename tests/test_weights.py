@@ -109,3 +109,38 @@ def test_cached_convert_converts_once(tmp_path):
   np.testing.assert_array_equal(out['params/x/kernel'], np.arange(3.0))
   files = os.listdir(tmp_path / 'cache')
   assert len(files) == 1 and files[0].startswith('toy-') and files[0].endswith('.npz')
+
+
+def test_fetch_verifies_the_hash_prefix_and_is_found_by_load(tmp_path):
+  from patchcore_jax import backbones  # pylint: disable=g-import-not-at-top
+  from patchcore_jax.backbones import fetch  # pylint: disable=g-import-not-at-top
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'fixtures'))
+  from seeded_weights import seeded_state_dict  # pylint: disable=g-import-not-at-top
+  fixture = np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'resnet18.npz'))
+  shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
+  state = seeded_state_dict(list(zip(fixture['names'], shapes)))
+  source = tmp_path / 'server' / 'model.pth'
+  source.parent.mkdir()
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, str(source))
+  digest = hashlib.sha256(source.read_bytes()).hexdigest()
+  good = tmp_path / 'server' / f'resnet18-{digest[:8]}.pth'
+  bad = tmp_path / 'server' / 'resnet18-00000000.pth'
+  source.rename(good)
+  bad.write_bytes(good.read_bytes())
+  cache = str(tmp_path / 'cache')
+  with pytest.raises(ValueError, match='does not start with 00000000'):
+    fetch.fetch(bad.as_uri(), cache_dir=cache, progress=False)
+  path = fetch.fetch(good.as_uri(), cache_dir=cache, progress=False)
+  assert open(path, 'rb').read() == good.read_bytes()
+  # The CLI fetches and converts; load_backbone then finds the file in the cache by itself.
+  fetch.main(['resnet18', f'--cache_dir={cache}', f'--url={good.as_uri()}'])
+  original = backbones.TORCHVISION_URLS['resnet18']
+  backbones.TORCHVISION_URLS['resnet18'] = good.as_uri()
+  try:
+    bb = backbones.load_backbone('resnet18', cache_dir=cache)
+  finally:
+    backbones.TORCHVISION_URLS['resnet18'] = original
+  np.testing.assert_array_equal(np.asarray(bb.variables['params']['conv1']['kernel']),
+                                state['conv1.weight'].transpose(2, 3, 1, 0))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from patchcore_jax.backbones import efficientnet_lite
+from patchcore_jax.backbones import fetch
 from patchcore_jax.backbones import resnet
 from patchcore_jax.backbones import torch_pickle
 from patchcore_jax.backbones import vgg
@@ -111,13 +112,17 @@ def _flat_weights(name, checkpoint, cache):
                                                   efficientnet_lite.torch_rename)
     return weights_lib.cached_convert(path, name, convert, cache=cache)
   if name in resnet.ARCHS:
+    url = TORCHVISION_URLS[name]
+    fetched = fetch.cached_checkpoint_path(url, cache)
+    if not checkpoint and os.path.exists(fetched):
+      checkpoint = fetched
     if not checkpoint or not os.path.exists(checkpoint):
-      url = TORCHVISION_URLS[name]
       raise FileNotFoundError(
           f'{name} needs a torchvision ImageNet state dict, given by path with '
           f'--config.backbone.checkpoint=PATH (got {checkpoint!r}). On a machine with internet, '
-          f'download {url} (e.g. `wget {url}` or torchvision.models.{name}(weights="DEFAULT") and '
-          f'torch.save(model.state_dict(), PATH)); torch is not needed to read it here.')
+          f'`python -m patchcore_jax.backbones.fetch {name}` downloads {url} into the cache, '
+          f'checks it and converts it; any torchvision state-dict file works too. torch is not '
+          f'needed to read it.')
     convert = lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p),
                                                   resnet.torch_rename)
     return weights_lib.cached_convert(checkpoint, name, convert, cache=cache)
