@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from patchcore_jax import backbones
+from patchcore_jax.backbones import densenet
 from patchcore_jax.backbones import efficientnet_lite
 from patchcore_jax.backbones import resnet
 from patchcore_jax.backbones import weights
@@ -26,30 +27,40 @@ def _assert_close(ours, ref_nchw):
   assert err <= 1e-4 * max(1.0, np.abs(ref).max()), err
 
 
-@pytest.mark.parametrize('arch', sorted(resnet.ARCHS))
-def test_resnet_matches_torchvision(arch, tmp_path):
+@pytest.mark.parametrize('arch', sorted(resnet.ARCHS) + ['densenet201'])
+def test_matches_torchvision(arch):
+  """Every stage output, two input sizes, seeded random weights (fixtures/make_backbone_fixtures.py)."""
   fixture = np.load(os.path.join(FIXTURES, f'{arch}.npz'))
   shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
   state = seeded_state_dict(list(zip(fixture['names'], shapes)))
-  flat = weights.torch_to_flax(state, resnet.torch_rename)
-  stages = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
+  rename = densenet.torch_rename if arch == 'densenet201' else resnet.torch_rename
+  flat = weights.torch_to_flax(state, rename)
+  tags = ('48x48', '32x48')
+  stages = tuple(k[:-len('_48x48')] for k in fixture.files
+                 if k.endswith('_48x48') and not k.startswith('input'))
   model, _ = backbones.build_model(arch, stages)
   full, _ = backbones.build_model(arch, ('logits',))
   weights.strict_merge(weights.expected_shapes(full), flat)  # Every torchvision key is used.
   expected = weights.expected_shapes(model)
   variables = weights.strict_merge(expected, {k: flat[k] for k in expected})
   apply = jax.jit(model.apply)
-  for tag in ('48x48', '32x48'):
+  for tag in tags:
     out = apply(variables, jnp.asarray(fixture[f'input_{tag}'].transpose(0, 2, 3, 1)))
     for stage in stages:
       _assert_close(out[stage], fixture[f'{stage}_{tag}'])
+
+
+def test_densenet_accepts_torchvision_legacy_names():
+  assert densenet.torch_rename('features.denseblock1.denselayer1.norm.1') == (
+      'features_denseblock1_denselayer1_norm1')
+  assert densenet.torch_rename('features.transition1.norm') == 'features_transition1_norm'
 
 
 # torchvision's documented parameter counts.
 PARAMS = {'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
           'resnet101': 44_549_160, 'resnet152': 60_192_808, 'wide_resnet50_2': 68_883_240,
           'wide_resnet101_2': 126_886_696, 'resnext50_32x4d': 25_028_904,
-          'resnext101_32x8d': 88_791_336, 'vgg16': 14_714_688}
+          'resnext101_32x8d': 88_791_336, 'vgg16': 14_714_688, 'densenet201': 20_013_928}
 
 
 @pytest.mark.parametrize('arch', sorted(PARAMS))

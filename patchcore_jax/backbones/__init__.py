@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from patchcore_jax.backbones import densenet
 from patchcore_jax.backbones import efficientnet_lite
 from patchcore_jax.backbones import fetch
 from patchcore_jax.backbones import resnet
@@ -29,6 +30,7 @@ from patchcore_jax.backbones import weights as weights_lib
 # Default PatchCore stages per backbone: (stride-8 stage, stride-16 stage).
 DEFAULT_STAGES = {
     **{name: ('layer2', 'layer3') for name in resnet.ARCHS},
+    'densenet201': ('features.denseblock2', 'features.denseblock3'),
     'vgg16': ('relu4_3', 'relu5_3'),
     **{name: efficientnet_lite.default_stages(name) for name in ('efficientnet_lite0',
                                                               'efficientnet_lite1',
@@ -47,6 +49,7 @@ TORCHVISION_URLS = {
     'wide_resnet101_2': 'https://download.pytorch.org/models/wide_resnet101_2-32ee1156.pth',
     'resnext50_32x4d': 'https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth',
     'resnext101_32x8d': 'https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth',
+    'densenet201': 'https://download.pytorch.org/models/densenet201-c1103571.pth',
 }
 
 
@@ -71,6 +74,8 @@ def build_model(name, stages):
     return resnet.ResNet(**resnet.ARCHS[name], stages=stages), resnet.STRIDES
   if name == 'vgg16':
     return vgg.VGG16(stages=stages), vgg.STRIDES
+  if name in densenet.ARCHS:
+    return densenet.DenseNet(**densenet.ARCHS[name], stages=stages), densenet.STRIDES
   if name in efficientnet_lite.COEFFICIENTS:
     return (efficientnet_lite.EfficientNetLite(variant=name, stages=stages),
             efficientnet_lite.stage_strides(name))
@@ -111,7 +116,7 @@ def _flat_weights(name, checkpoint, cache):
     convert = lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p),
                                                   efficientnet_lite.torch_rename)
     return weights_lib.cached_convert(path, name, convert, cache=cache)
-  if name in resnet.ARCHS:
+  if name in TORCHVISION_URLS:
     url = TORCHVISION_URLS[name]
     fetched = fetch.cached_checkpoint_path(url, cache)
     if not checkpoint and os.path.exists(fetched):
@@ -123,8 +128,8 @@ def _flat_weights(name, checkpoint, cache):
           f'`python -m patchcore_jax.backbones.fetch {name}` downloads {url} into the cache, '
           f'checks it and converts it; any torchvision state-dict file works too. torch is not '
           f'needed to read it.')
-    convert = lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p),
-                                                  resnet.torch_rename)
+    rename = densenet.torch_rename if name in densenet.ARCHS else resnet.torch_rename
+    convert = lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p), rename)
     return weights_lib.cached_convert(checkpoint, name, convert, cache=cache)
   raise ValueError(f'unknown backbone {name!r}; known: {", ".join(NAMES)}')
 
