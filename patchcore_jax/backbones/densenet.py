@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from patchcore_jax.backbones.layers import BatchNorm
+from patchcore_jax.backbones.layers import deepest_stage
 
 ARCHS = {'densenet201': dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64)}
 STAGES = ('features.denseblock1', 'features.transition1', 'features.denseblock2',
@@ -40,10 +41,7 @@ class DenseNet(nn.Module):
   @nn.compact
   def __call__(self, x):
     """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, classes])."""
-    unknown = set(self.stages) - set(STAGES)
-    if unknown:
-      raise ValueError(f'unknown DenseNet stages {sorted(unknown)}; known: {STAGES}')
-    last = max(STAGES.index(s) for s in self.stages)
+    last = deepest_stage(self.stages, STAGES, 'DenseNet')
     out = {}
     x = nn.Conv(self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
                 use_bias=False, name='features_conv0')(x)

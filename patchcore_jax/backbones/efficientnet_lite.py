@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from patchcore_jax.backbones.layers import BatchNorm
+from patchcore_jax.backbones.layers import deepest_stage
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters), as in the TF release.
 _BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
@@ -130,11 +131,7 @@ class EfficientNetLite(nn.Module):
     """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, classes])."""
     specs = block_specs(self.variant)
     order = ['stem'] + [f'blocks.{i}' for i in range(len(specs))] + ['head', 'logits']
-    unknown = set(self.stages) - set(order)
-    if unknown:
-      raise ValueError(f'unknown {self.variant} stages {sorted(unknown)}; known: stem, '
-                       f'blocks.0..blocks.{len(specs) - 1}, head, logits')
-    last = max(order.index(s) for s in self.stages)
+    last = deepest_stage(self.stages, order, self.variant)
     out = {}
     x = nn.Conv(32, (3, 3), strides=(2, 2), padding='SAME', use_bias=False, name='conv_stem')(x)
     x = out['stem'] = nn.relu6(_BatchNorm(name='bn0')(x))

@@ -36,3 +36,11 @@ class BatchNorm(nn.Module):
     else:
       use_mean, use_var = mean.value, var.value
     return (x - use_mean) * (scale * lax.rsqrt(use_var + self.epsilon)) + bias
+
+
+def deepest_stage(stages, order, model_name):
+  """Index in `order` of the deepest requested stage; ValueError naming any unknown stage."""
+  unknown = set(stages) - set(order)
+  if unknown:
+    raise ValueError(f'unknown {model_name} stages {sorted(unknown)}; known: {tuple(order)}')
+  return max(order.index(s) for s in stages)

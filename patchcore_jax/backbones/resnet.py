@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from patchcore_jax.backbones.layers import BatchNorm
+from patchcore_jax.backbones.layers import deepest_stage
 
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'logits')
 STRIDES = {'stem': 4, 'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32}
@@ -83,10 +84,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x):
     """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, num_classes])."""
-    unknown = set(self.stages) - set(STAGES)
-    if unknown:
-      raise ValueError(f'unknown ResNet stages {sorted(unknown)}; known: {STAGES}')
-    last = max(STAGES.index(s) for s in self.stages)
+    last = deepest_stage(self.stages, STAGES, 'ResNet')
     out = {}
     x = nn.relu(BatchNorm(name='bn1')(
         nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,

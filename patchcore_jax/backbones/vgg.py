@@ -9,6 +9,8 @@ from typing import Sequence
 import flax.linen as nn
 import numpy as np
 
+from patchcore_jax.backbones.layers import deepest_stage
+
 # (stage name, output channels, torchvision features index); 'M' marks a 2x2 max-pool.
 _CFG = (('relu1_1', 64, 0), ('relu1_2', 64, 2), 'M',
         ('relu2_1', 128, 5), ('relu2_2', 128, 7), 'M',
@@ -28,10 +30,7 @@ class VGG16(nn.Module):
   @nn.compact
   def __call__(self, x):
     """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]}."""
-    unknown = set(self.stages) - set(STAGES)
-    if unknown:
-      raise ValueError(f'unknown VGG16 stages {sorted(unknown)}; known: {STAGES}')
-    last = max(STAGES.index(s) for s in self.stages)
+    last = deepest_stage(self.stages, STAGES, 'VGG16')
     out = {}
     for item in _CFG:
       if item == 'M':
