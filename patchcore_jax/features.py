@@ -104,9 +104,9 @@ def adaptive_avg_pool_1d(x, out_size):
   length = x.shape[-1]
   if length == out_size:
     return x
-  index, weight = adaptive_pool_bins(length, out_size)
   if length % out_size == 0:  # Equal, disjoint bins: a reshape and a mean.
     return x.reshape(*x.shape[:-1], out_size, length // out_size).mean(axis=-1)
+  index, weight = adaptive_pool_bins(length, out_size)
   return jnp.sum(x[..., index] * weight, axis=-1)
 
 

@@ -88,13 +88,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
     return self._load_storage(key, storage_type.dtype, numel)
 
 
-def _flatten(obj):
-  """Flattens nested dicts (e.g. {'state_dict': {...}}) of arrays into one dict."""
-  if isinstance(obj, dict):
-    return obj
-  raise pickle.UnpicklingError(f'checkpoint holds a {type(obj).__name__}, not a state dict')
-
-
 def _load_zip(path):
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
@@ -160,7 +153,8 @@ def load_state_dict(path):
     obj = _load_zip(path)
   else:
     obj = _load_legacy(path)
-  obj = _flatten(obj)
+  if not isinstance(obj, dict):
+    raise pickle.UnpicklingError(f'{path} holds a {type(obj).__name__}, not a state dict')
   for key in ('state_dict', 'model'):
     if key in obj and isinstance(obj[key], dict):
       obj = obj[key]
