@@ -34,6 +34,7 @@ def build_memory_bank(embed_fn, batches, *, num_images):
   """
   bank = None
   filled = 0
+  per_image = 1
   start = time.perf_counter()
   for images, _, count in batches:
     feats = np.asarray(embed_fn(jnp.asarray(images)))[:count]  # [count, h, w, D]
@@ -46,7 +47,7 @@ def build_memory_bank(embed_fn, batches, *, num_images):
     logging.log_every_n_seconds(logging.INFO, 'memory bank: %d/%d images (%.1f images/s)', 10,
                                 done, num_images, done / (time.perf_counter() - start))
   if bank is None or filled != bank.shape[0]:
-    raise ValueError(f'expected {num_images} images, got {filled // max(per_image, 1)}')
+    raise ValueError(f'expected {num_images} images, got {filled // per_image}')
   return bank
 
 
