@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from patchcore_jax.backbones.layers import BatchNorm
+from patchcore_jax.backbones.layers import Conv
 from patchcore_jax.backbones.layers import deepest_stage
 
 ARCHS = {'densenet201': dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64)}
@@ -26,7 +27,7 @@ STRIDES = {'features.denseblock1': 4, 'features.transition1': 8, 'features.dense
 
 def _conv(features, kernel, name):
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
+  return Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
                  name=name)
 
 
@@ -43,8 +44,8 @@ class DenseNet(nn.Module):
     """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, classes])."""
     last = deepest_stage(self.stages, STAGES, 'DenseNet')
     out = {}
-    x = nn.Conv(self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                use_bias=False, name='features_conv0')(x)
+    x = Conv(self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+             name='features_conv0')(x)
     x = nn.relu(BatchNorm(name='features_norm0')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for b, num_layers in enumerate(self.block_config):

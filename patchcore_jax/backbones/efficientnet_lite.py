@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from patchcore_jax.backbones.layers import BatchNorm
+from patchcore_jax.backbones.layers import Conv
 from patchcore_jax.backbones.layers import deepest_stage
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters), as in the TF release.
@@ -77,7 +78,7 @@ def same_pads(size, kernel, stride):
 class DepthwiseConv(nn.Module):
   """Depthwise convolution with 'SAME' padding, as k*k shifted multiply-adds.
 
-  Same parameters as `nn.Conv(C, (k, k), feature_group_count=C)` (kernel [k, k, 1, C]) and the
+  Same parameters as `Conv(C, (k, k), feature_group_count=C)` (kernel [k, k, 1, C]) and the
   same result, but XLA's CPU backend runs grouped convolutions 10-50x slower than this form.
   """
   kernel_size: int
@@ -111,10 +112,10 @@ class MBConv(nn.Module):
     y = x
     mid = self.cin * self.expand
     if self.expand != 1:
-      y = nn.relu6(_BatchNorm(name='bn0')(nn.Conv(mid, (1, 1), use_bias=False, name='expand_conv')(y)))
+      y = nn.relu6(_BatchNorm(name='bn0')(Conv(mid, (1, 1), name='expand_conv')(y)))
     y = DepthwiseConv(self.kernel, self.stride, name='depthwise_conv')(y)
     y = nn.relu6(_BatchNorm(name='bn1')(y))
-    y = _BatchNorm(name='bn2')(nn.Conv(self.cout, (1, 1), use_bias=False, name='project_conv')(y))
+    y = _BatchNorm(name='bn2')(Conv(self.cout, (1, 1), name='project_conv')(y))
     if self.stride == 1 and self.cin == self.cout:
       y = y + x
     return y
@@ -133,14 +134,14 @@ class EfficientNetLite(nn.Module):
     order = ['stem'] + [f'blocks.{i}' for i in range(len(specs))] + ['head', 'logits']
     last = deepest_stage(self.stages, order, self.variant)
     out = {}
-    x = nn.Conv(32, (3, 3), strides=(2, 2), padding='SAME', use_bias=False, name='conv_stem')(x)
+    x = Conv(32, (3, 3), strides=(2, 2), padding='SAME', name='conv_stem')(x)
     x = out['stem'] = nn.relu6(_BatchNorm(name='bn0')(x))
     for i, spec in enumerate(specs):
       if last < i + 1:
         break
       x = out[f'blocks.{i}'] = MBConv(*spec, name=f'blocks_{i}')(x)
     if last >= order.index('head'):
-      x = nn.Conv(1280, (1, 1), use_bias=False, name='conv_head')(x)
+      x = Conv(1280, (1, 1), name='conv_head')(x)
       x = out['head'] = nn.relu6(_BatchNorm(name='bn1')(x))
     if last >= order.index('logits'):
       out['logits'] = nn.Dense(self.num_classes, name='fc')(jnp.mean(x, axis=(1, 2)))

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from patchcore_jax.backbones.layers import BatchNorm
+from patchcore_jax.backbones.layers import Conv
 from patchcore_jax.backbones.layers import deepest_stage
 
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'logits')
@@ -19,8 +20,8 @@ STRIDES = {'stem': 4, 'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32}
 
 def _conv(features, kernel, stride=1, groups=1, name=None):
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 feature_group_count=groups, use_bias=False, name=name)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+              feature_group_count=groups, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -87,8 +88,7 @@ class ResNet(nn.Module):
     last = deepest_stage(self.stages, STAGES, 'ResNet')
     out = {}
     x = nn.relu(BatchNorm(name='bn1')(
-        nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                name='conv1')(x)))
+        Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv1')(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     out['stem'] = x
     in_planes = 64

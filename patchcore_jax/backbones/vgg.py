@@ -9,6 +9,7 @@ from typing import Sequence
 import flax.linen as nn
 import numpy as np
 
+from patchcore_jax.backbones.layers import Conv
 from patchcore_jax.backbones.layers import deepest_stage
 
 # (stage name, output channels, torchvision features index); 'M' marks a 2x2 max-pool.
@@ -37,7 +38,8 @@ class VGG16(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       name, channels, index = item
-      x = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f'features_{index}')(x))
+      x = nn.relu(Conv(channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
+                          name=f'features_{index}')(x))
       out[name] = x
       if STAGES.index(name) == last:
         break
