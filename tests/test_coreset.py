@@ -90,3 +90,19 @@ def test_loop_compiles_once():
                                        projection_dim=4, chunk_size=13)
   # Different percentages and chunk bounds reuse one compilation per bank shape (+ selected size).
   assert coreset._greedy_chunk._cache_size() - before == 2
+
+
+@pytest.mark.parametrize('n', [1, 7, 1000, 163856])
+def test_first_argmax_matches_numpy_with_ties(n):
+  rng = np.random.default_rng(n)
+  x = rng.integers(0, 5, n).astype(np.float32)  # Many ties: the first maximum must win.
+  x[rng.integers(0, n)] = 5.0
+  x[rng.integers(0, n)] = 5.0
+  assert int(jax.jit(coreset.first_argmax)(x)) == int(np.argmax(x))
+  y = rng.normal(size=n).astype(np.float32)
+  assert int(jax.jit(coreset.first_argmax)(y)) == int(np.argmax(y))
+
+
+def test_squared_norms_match_numpy():
+  x = np.random.default_rng(0).normal(size=(16, 333)).astype(np.float32)
+  np.testing.assert_allclose(coreset.squared_norms(jnp.asarray(x)), (x * x).sum(0), rtol=1e-6)
