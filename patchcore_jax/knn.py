@@ -27,7 +27,7 @@ class Bank(NamedTuple):
     return int(jnp.sum(jnp.isfinite(self.norms)))
 
 
-def prepare_bank(features, *, block_size=1024):
+def prepare_bank(features, *, block_size=128):
   """features: [M, D] -> Bank with blocks of `block_size` rows."""
   m, d = features.shape
   block_size = min(block_size, m)
@@ -47,24 +47,34 @@ def squared_distances(a, b, *, precision='highest'):
   return jnp.maximum(a_sq - 2.0 * dots + b_sq, 0.0)
 
 
-def _scan_body(carry, block, *, queries, q_sq, k, precision):
+def first_argmin_rows(d):
+  """(min [P], index of the first min [P] int32) of every row of d [P, M], M < 2**24.
+
+  Two vectorised float reductions: XLA's CPU argmin (a variadic reduce) is several times slower.
+  """
+  low = jnp.min(d, axis=1, keepdims=True)
+  iota = lax.broadcasted_iota(jnp.float32, d.shape, 1)
+  index = jnp.min(jnp.where(d == low, iota, jnp.inf), axis=1)
+  return low[:, 0], index.astype(jnp.int32)
+
+
+def _scan_body(carry, block, *, queries, k, precision):
+  """One bank block: fold its k best rows per query into the running best (carry)."""
   best_d, best_i, offset = carry
   features, norms = block
-  dots = jnp.dot(queries, features.T, precision=precision)  # [P, block]
-  d = jnp.maximum(q_sq - 2.0 * dots + norms, 0.0)
-  d = jnp.where(jnp.isfinite(norms), d, jnp.inf)
+  # ||q||^2 is the same for every row of a query: rank by ||b||^2 - 2 q.b and add it at the end.
+  # Padding rows have norm +inf, so they never win.
+  d = norms - 2.0 * jnp.dot(queries, features.T, precision=precision)  # [P, block]
   if k == 1:
-    block_i = jnp.argmin(d, axis=1)[:, None]
-    block_d = jnp.take_along_axis(d, block_i, axis=1)
-  else:
-    neg, block_i = lax.top_k(-d, k)
-    block_d = -neg
-  cand_d = jnp.concatenate([best_d, block_d], axis=1)  # [P, 2k]
+    block_d, block_i = first_argmin_rows(d)
+    better = block_d < best_d[:, 0]  # Strict: an earlier block wins ties, as a plain argmin.
+    best_d = jnp.where(better, block_d, best_d[:, 0])[:, None]
+    best_i = jnp.where(better, block_i + offset, best_i[:, 0])[:, None]
+    return (best_d, best_i, offset + features.shape[0]), None
+  neg, block_i = lax.top_k(-d, k)
+  cand_d = jnp.concatenate([best_d, -neg], axis=1)  # [P, 2k]
   cand_i = jnp.concatenate([best_i, block_i.astype(jnp.int32) + offset], axis=1)
-  if k == 1:
-    pick = jnp.argmin(cand_d, axis=1)[:, None]
-  else:
-    _, pick = lax.top_k(-cand_d, k)
+  _, pick = lax.top_k(-cand_d, k)
   best_d = jnp.take_along_axis(cand_d, pick, axis=1)
   best_i = jnp.take_along_axis(cand_i, pick, axis=1)
   return (best_d, best_i, offset + features.shape[0]), None
@@ -82,12 +92,12 @@ def nearest_neighbours(queries, bank, *, k=1, precision='highest'):
     (distances [P, k] squared L2, ascending; indices [P, k] int32 into the bank).
   """
   p = queries.shape[0]
-  body = functools.partial(_scan_body, queries=queries,
-                           q_sq=jnp.sum(queries * queries, axis=1, keepdims=True), k=k,
+  body = functools.partial(_scan_body, queries=queries, k=k,
                            precision=lax.Precision(precision))
   init = (jnp.full((p, k), jnp.inf, jnp.float32), jnp.zeros((p, k), jnp.int32), jnp.int32(0))
   (best_d, best_i, _), _ = lax.scan(body, init, (bank.blocks, bank.norms))
-  return best_d, best_i
+  q_sq = jnp.sum(queries * queries, axis=1, keepdims=True)
+  return jnp.maximum(best_d + q_sq, 0.0), best_i
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'precision'))

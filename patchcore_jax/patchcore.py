@@ -22,6 +22,18 @@ from patchcore_jax import knn
 from patchcore_jax import scoring
 
 
+def empty_host_bank(rows, dim):
+  """An uninitialised float32 numpy [rows, dim] array whose data is 64-byte aligned.
+
+  On CPU, `jax.device_put` of an aligned numpy array aliases it instead of copying, so blocks of
+  the bank reach jitted functions (projection, selection) without a copy.
+  """
+  size = rows * dim * 4
+  raw = np.empty(size + 64, np.uint8)
+  offset = (-raw.ctypes.data) % 64
+  return raw[offset:offset + size].view(np.float32).reshape(rows, dim)
+
+
 def build_memory_bank(embed_fn, batches, *, num_images):
   """Stacks the patch features of all training images into one [num_images * h * w, D] array.
 
@@ -40,7 +52,7 @@ def build_memory_bank(embed_fn, batches, *, num_images):
     feats = np.asarray(embed_fn(jnp.asarray(images)))[:count]  # [count, h, w, D]
     per_image = feats.shape[1] * feats.shape[2]
     if bank is None:
-      bank = np.empty((num_images * per_image, feats.shape[-1]), np.float32)
+      bank = empty_host_bank(num_images * per_image, feats.shape[-1])
     bank[filled:filled + count * per_image] = feats.reshape(-1, feats.shape[-1])
     filled += count * per_image
     done = filled // per_image
@@ -52,7 +64,7 @@ def build_memory_bank(embed_fn, batches, *, num_images):
 
 
 def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=10,
-              block_size=1024, precision='highest'):
+              block_size=128, precision='highest'):
   """Approximate greedy coreset of `bank_features` [N, D] -> (knn.Bank, indices [M]).
 
   A host (numpy) bank stays on the host: only its projection and the selected rows go to the

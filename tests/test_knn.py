@@ -63,3 +63,20 @@ def test_explicit_precision_is_in_the_program():
   bank = knn.prepare_bank(bank_features, block_size=64)
   text = jax.jit(lambda q: knn.nearest_neighbours(q, bank)).lower(jnp.asarray(queries[0])).as_text()
   assert 'HIGHEST' in text.upper()
+
+
+def test_first_argmin_rows_matches_numpy_with_ties():
+  rng = np.random.default_rng(0)
+  d = rng.integers(0, 4, (50, 77)).astype(np.float32)  # Many ties: the first minimum must win.
+  d[3] = np.inf
+  d[3, 40] = 2.0
+  low, idx = jax.jit(knn.first_argmin_rows)(d)
+  np.testing.assert_array_equal(np.asarray(idx), np.argmin(d, axis=1))
+  np.testing.assert_array_equal(np.asarray(low), d.min(axis=1))
+
+
+def test_ties_across_blocks_keep_the_first_row():
+  bank_features = np.zeros((10, 4), np.float32)  # All rows equal: row 0 is the nearest.
+  bank = knn.prepare_bank(bank_features, block_size=3)
+  _, idx = knn.nearest_neighbours(jnp.ones((2, 4)), bank)
+  np.testing.assert_array_equal(np.asarray(idx), 0)
