@@ -54,6 +54,33 @@ def resize_bilinear(x, size):
   return jnp.einsum('Ww,bHwc->bHWc', cols, x, precision=lax.Precision.HIGHEST)
 
 
+def preprocess(images, *, image_size, resize=None):
+  """Images already in memory -> network input, on the device.
+
+  Args:
+    images: [B, H, W, 3] uint8 (0..255) or float in [0, 1].
+    image_size: side of the square output.
+    resize: if given, the shorter side is resized to `resize` and the centre `image_size` square
+      cropped (the official 'resize 256, crop 224'); if None, a straight resize to image_size.
+  Returns:
+    [B, image_size, image_size, 3] ImageNet-normalised float32.
+
+  The resize is bilinear without antialiasing, as `torch.nn.functional.interpolate(...,
+  antialias=False)` on tensors. The file pipeline (`data.transforms`) resizes with PIL on the host
+  instead, as the official code does on PIL images; the two differ when shrinking.
+  """
+  x = images.astype(jnp.float32)
+  if images.dtype == jnp.uint8:
+    x = x / 255.0
+  h, w = x.shape[1:3]
+  if resize is None:
+    return normalize(resize_bilinear(x, (image_size, image_size)))
+  new_h, new_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+  x = resize_bilinear(x, (new_h, new_w))
+  top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
+  return normalize(x[:, top:top + image_size, left:left + image_size])
+
+
 def patchify(x, *, patch_size=3, stride=1):
   """Neighbourhoods of every location, as torch's `Unfold` lays them out.
 

@@ -106,3 +106,27 @@ def test_embed_compiles_once_per_shape():
     fn(2.0, jnp.ones((2, 16, 16, 3)))
   fn(2.0, jnp.ones((3, 16, 16, 3)))
   assert len(traces) == 2
+
+
+@pytest.mark.parametrize('shape,resize,size', [((2, 40, 52), 32, 24), ((1, 50, 30), 32, 28),
+                                               ((1, 20, 20), None, 28)])
+def test_preprocess_matches_torch_resize_crop_normalize(shape, resize, size):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255.0
+  b, h, w = shape
+  if resize is None:
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+  else:
+    new = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+    x = F.interpolate(x, size=new, mode='bilinear', align_corners=False, antialias=False)
+    top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    x = x[:, :, top:top + size, left:left + size]
+  mean = torch.tensor(features.IMAGENET_MEAN, dtype=torch.float64)[None, :, None, None]
+  std = torch.tensor(features.IMAGENET_STD, dtype=torch.float64)[None, :, None, None]
+  ref = ((x - mean) / std).permute(0, 2, 3, 1).numpy()
+  ours = jax.jit(lambda i: features.preprocess(i, image_size=size, resize=resize))(images)
+  assert ours.shape == (b, size, size, 3)
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5)
+  floats = features.preprocess(images.astype(np.float32) / 255.0, image_size=size, resize=resize)
+  np.testing.assert_allclose(np.asarray(floats), ref, atol=2e-5)
