@@ -1,0 +1,116 @@
+"""Benchmark mode: the launcher's benchmark job, its records, and one compilation per shape."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from patchcore_jax import backbones
+from patchcore_jax import benchmark
+from patchcore_jax import coreset
+from patchcore_jax import features
+from patchcore_jax import knn
+from patchcore_jax import patchcore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {'stage', 'mode', 'size', 'compile_seconds', 'median_seconds', 'min_seconds',
+          'max_seconds', 'limit_seconds', 'efficiency', 'note'}
+STAGES = {'preprocess', 'backbone', 'embed', 'memory_bank', 'projection', 'coreset', 'knn',
+          'anomaly_maps'}
+
+
+def test_benchmark_job_through_the_launcher(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'),
+                         '--config=configs/benchmark.py:backbone=resnet18,size=tiny',
+                         f'--workdir={tmp_path}', '--config.compare.torch=False'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = json.load(open(tmp_path / 'benchmark.json'))
+  assert all(set(r) == FIELDS for r in records)
+  by_mode = {}
+  for r in records:
+    by_mode.setdefault(r['stage'], set()).add(r['mode'])
+    assert 0 < r['min_seconds'] <= r['median_seconds'] <= r['max_seconds'], r
+    if r['mode'] == 'jit':
+      assert r['compile_seconds'] > 0, r
+    if r['limit_seconds'] is not None:
+      assert np.isclose(r['efficiency'], r['limit_seconds'] / r['median_seconds']), r
+  for stage in STAGES:
+    assert {'jit', 'eager'} <= by_mode[stage], stage
+  assert 'numpy' in by_mode['coreset'] and 'limit' in by_mode['read_bandwidth']
+  assert ('faiss' in by_mode['knn']) == (importlib.util.find_spec('faiss') is not None)
+  # Both bank sizes (scales 1 and 2 of 4 images x 8 x 8 patches), both coreset sizes each.
+  coreset_jit = [r for r in records if r['stage'] == 'coreset' and r['mode'] == 'jit']
+  assert len(coreset_jit) == 4 and all(r['limit_seconds'] for r in coreset_jit)
+  assert '256 rows' in coreset_jit[0]['size'] and '512 rows' in coreset_jit[2]['size']
+  table = (tmp_path / 'benchmark.md').read_text()
+  assert table.count('| knn |') == sum(r['stage'] == 'knn' for r in records)
+  assert 'size=tiny' in table and 'peak RSS' in table
+
+
+def test_timing_helpers_block_and_divide():
+  calls = []
+
+  def fn(x):
+    calls.append(1)
+    return x * 2
+  times = benchmark._call_times(fn, (jnp.ones(3),), repeats=4, warmup=2, per=10)
+  assert len(times) == 4 and len(calls) == 6 and all(t >= 0 for t in times)
+  record = benchmark._record('knn', 'jit', 's', [3.0, 1.0, 2.0], limit=1.0)
+  assert (record.median_seconds, record.min_seconds, record.max_seconds) == (2.0, 1.0, 3.0)
+  assert record.efficiency == 0.5
+
+
+def test_numpy_and_eager_greedy_match_the_library_loop():
+  """The comparison loops time the same algorithm: identical selections."""
+  rng = np.random.default_rng(0)
+  projected_t = jnp.asarray(rng.normal(size=(8, 300)).astype(np.float32))
+  init = coreset.initial_distances(projected_t, jax.random.key(0))
+  norms = coreset.squared_norms(projected_t)
+  ours = np.asarray(coreset.greedy_coreset_loop(projected_t, init, num_samples=12))
+  points = np.asarray(projected_t).T.copy()
+  np.testing.assert_array_equal(
+      benchmark.numpy_greedy(points, np.asarray(norms), np.asarray(init), iterations=12), ours)
+  with jax.disable_jit():
+    _, eager = benchmark.eager_greedy(projected_t, norms, init, iterations=12)
+  np.testing.assert_array_equal(np.asarray(eager), ours)
+
+
+def test_every_stage_compiles_once_per_shape():
+  """Repeated calls with new values of the same shapes never trace again."""
+  backbone = backbones.load_backbone('resnet18', random_seed=0)
+  embed_fn = features.make_embed_fn(backbone, pretrain_dim=64, target_dim=32)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    embed_fn(jnp.asarray(rng.random((2, 32, 32, 3), dtype=np.float32)))
+  assert embed_fn.func._cache_size() == 1
+
+  # Projection: a padded last block compiles nothing new.
+  before = coreset._project_block._cache_size()
+  matrix = coreset.random_projection(jax.random.key(0), 16, 4)
+  for n in (250, 270, 299):
+    coreset.project(rng.normal(size=(n, 16)).astype(np.float32), matrix, block_size=100)
+  assert coreset._project_block._cache_size() - before == 1
+
+  # Greedy loop: chunks with other bounds reuse the executable.
+  before = coreset._greedy_chunk._cache_size()
+  projected_t = jnp.asarray(rng.normal(size=(4, 257)).astype(np.float32))
+  init = coreset.initial_distances(projected_t, jax.random.key(0))
+  for chunk in (3, 5, 40):
+    coreset.greedy_coreset_loop(projected_t, init, num_samples=40, chunk_size=chunk)
+  assert coreset._greedy_chunk._cache_size() - before == 1
+
+  # kNN and the whole prediction.
+  bank = knn.prepare_bank(rng.normal(size=(300, 32)).astype(np.float32), block_size=128)
+  before = knn.batch_nearest_neighbours._cache_size()
+  for _ in range(3):
+    knn.batch_nearest_neighbours(jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32), bank)
+  assert knn.batch_nearest_neighbours._cache_size() - before == 1
+  predict = patchcore.predict_fn(backbone, image_size=32, pretrain_dim=64, target_dim=32)
+  for _ in range(3):
+    predict(backbone.variables, bank, jnp.asarray(rng.random((2, 32, 32, 3), dtype=np.float32)))
+  assert predict._cache_size() == 1
