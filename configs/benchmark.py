@@ -37,6 +37,7 @@ def get_config(arg=None):
   config.backbone = ml_collections.ConfigDict()
   config.backbone.name = args['backbone']  # Random weights (seed), so any architecture runs.
   config.backbone.stages = backbones.DEFAULT_STAGES[args['backbone']]
+  config.backbone.fold_batchnorm = True  # As configs/common.py (ResNets only).
 
   config.features = ml_collections.ConfigDict()
   config.features.patch_size = 3

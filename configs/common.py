@@ -40,6 +40,9 @@ def get_base_config(backbone='efficientnet_lite2'):
   # Reproduce the official code's BatchNorm side effect (train-mode passes on an all-ones image
   # before extraction; see backbones.official_bn_probe). 0 = plain inference, as the paper.
   config.backbone.official_bn_probe_passes = 0
+  # Fold BatchNorm into the convolution before it (ResNets; same outputs up to float32 rounding,
+  # about 5 % faster on CPU). Applied after the probe above.
+  config.backbone.fold_batchnorm = True
 
   config.features = ml_collections.ConfigDict()
   config.features.patch_size = 3  # Neighbourhood aggregation p.

@@ -326,6 +326,8 @@ def bench_backbone(config):
 
   backbone = backbones.load_backbone(config.backbone.name, stages=config.backbone.stages,
                                      random_seed=config.seed)
+  if config.backbone.fold_batchnorm:
+    backbone = backbones.fold_batchnorm(backbone)
   images = fn(raw)
   size = f'{s}px to {"+".join(backbone.stages)}, per image (batch {b})'
   if 'backbone' in parts:

@@ -37,8 +37,9 @@ def _load_backbone(config):
   seed = bb.random_seed if bb.random_seed >= 0 else None
   backbone = backbones.load_backbone(bb.name, stages=stages, checkpoint=bb.checkpoint,
                                      cache_dir=bb.cache_dir, random_seed=seed)
-  return backbones.official_bn_probe(backbone, image_size=config.data.image_size,
-                                     passes=bb.official_bn_probe_passes)
+  backbone = backbones.official_bn_probe(backbone, image_size=config.data.image_size,
+                                         passes=bb.official_bn_probe_passes)
+  return backbones.fold_batchnorm(backbone) if bb.fold_batchnorm else backbone
 
 
 def _overlay_indices(split, count):

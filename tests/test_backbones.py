@@ -271,3 +271,42 @@ def test_torchvision_files_load_with_their_classifier(arch, tmp_path):
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path + '.bad')
   with pytest.raises(ValueError, match='missing'):
     backbones.load_backbone(arch, checkpoint=path + '.bad', cache_dir=str(tmp_path / 'cache'))
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnext50_32x4d', 'wide_resnet50_2'])
+def test_fold_batchnorm_keeps_outputs(arch):
+  """Folded BatchNorms (random statistics from the fixture weights) give the same stages."""
+  fixture = np.load(os.path.join(FIXTURES, f'{arch}.npz'))
+  shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
+  flat = weights.torch_to_flax(seeded_state_dict(list(zip(fixture['names'], shapes))),
+                               resnet.torch_rename)
+  stages = ('stem', 'layer2', 'layer3', 'logits')
+  model, strides = backbones.build_model(arch, stages)
+  expected = weights.expected_shapes(model)
+  variables = weights.strict_merge(expected, {k: flat[k] for k in expected})
+  bb = backbones.Backbone(arch, model, variables, stages, strides)
+  folded = backbones.fold_batchnorm(bb)
+  assert folded.model.fold_bn and backbones.fold_batchnorm(folded) is folded
+  assert jax.tree_util.tree_structure(folded.variables) == jax.tree_util.tree_structure(variables)
+  x = jnp.asarray(fixture['input_32x48'].transpose(0, 2, 3, 1))
+  ours, ref = jax.jit(folded.apply)(x), jax.jit(bb.apply)(x)
+  for stage in stages:
+    _assert_close(ours[stage], np.asarray(ref[stage]).transpose(0, 3, 1, 2)
+                  if ref[stage].ndim == 4 else np.asarray(ref[stage]))
+    _assert_close(ours[stage], fixture[f'{stage}_32x48'])
+  with pytest.raises(ValueError, match='folded'):
+    backbones.official_bn_probe(folded, image_size=32)
+  vgg = backbones.load_backbone('vgg16', random_seed=0)
+  assert backbones.fold_batchnorm(vgg) is vgg
+
+
+@pytest.mark.parametrize('arch', ['efficientnet_lite0', 'mobilenet_v2'])
+def test_fold_batchnorm_with_real_weights(arch):
+  bb = backbones.load_backbone(arch, stages=backbones.DEFAULT_STAGES[arch] + ('stem',) * (
+      arch != 'mobilenet_v2'))
+  folded = backbones.fold_batchnorm(bb)
+  assert folded.model.fold_bn
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 80, 3)).astype(np.float32))
+  ours, ref = jax.jit(folded.apply)(x), jax.jit(bb.apply)(x)
+  for stage in bb.stages:
+    _assert_close(ours[stage], np.asarray(ref[stage]).transpose(0, 3, 1, 2))

@@ -20,11 +20,13 @@ from typing import Any, Dict, Tuple
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from patchcore_jax.backbones import densenet
 from patchcore_jax.backbones import efficientnet_lite
 from patchcore_jax.backbones import fetch
+from patchcore_jax.backbones import layers
 from patchcore_jax.backbones import mobilenet_v2
 from patchcore_jax.backbones import resnet
 from patchcore_jax.backbones import torch_pickle
@@ -192,6 +194,47 @@ def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed
   variables = weights_lib.strict_merge(expected, {k: flat[k] for k in expected}, source=source)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
   return Backbone(name, model, variables, stages, strides)
+
+
+def _foldable(name):
+  """(conv_of_batchnorm, epsilon) of architectures whose BatchNorms follow a convolution."""
+  if name in resnet.ARCHS:
+    return resnet.conv_of_batchnorm, layers.BatchNorm.epsilon
+  if name in efficientnet_lite.COEFFICIENTS:
+    return efficientnet_lite.conv_of_batchnorm, efficientnet_lite.BATCHNORM.keywords['epsilon']
+  if name == 'mobilenet_v2':
+    return mobilenet_v2.conv_of_batchnorm, layers.BatchNorm.epsilon
+  return None
+
+
+def fold_batchnorm(backbone):
+  """Inference-only: folds every BatchNorm into the convolution before it.
+
+  The convolution kernel is multiplied by scale / sqrt(var + eps) per output channel and the
+  BatchNorm becomes a bias add, removing one multiply pass over every activation (WideResNet-50-2
+  to layer3: about 5 % of the forward time on CPU). Outputs agree to float32 rounding. Run
+  `official_bn_probe` first if wanted: a folded model has no training mode. For the ResNets,
+  EfficientNet-Lite and MobileNetV2; DenseNet (BatchNorm before its convolutions) and VGG (no
+  BatchNorm) are returned unchanged.
+
+  Args:
+    backbone: a `Backbone`.
+  Returns:
+    A `Backbone` whose model has `fold_bn=True` and whose variables are folded.
+  """
+  foldable = _foldable(backbone.name)
+  if foldable is None or backbone.model.fold_bn:
+    return backbone
+  conv_of_batchnorm, eps = foldable
+  flat = weights_lib.flatten(jax.tree_util.tree_map(jnp.asarray, backbone.variables))
+  for key in [k for k in flat if k.startswith('batch_stats/') and k.endswith('/mean')]:
+    bn = key[len('batch_stats/'):-len('/mean')]
+    conv = conv_of_batchnorm(bn)
+    factor = flat[f'params/{bn}/scale'] * lax.rsqrt(flat[f'batch_stats/{bn}/var'] + eps)
+    flat[f'params/{conv}/kernel'] = flat[f'params/{conv}/kernel'] * factor
+    flat[f'params/{bn}/bias'] = flat[f'params/{bn}/bias'] - flat[key] * factor
+  return dataclasses.replace(backbone, model=backbone.model.clone(fold_bn=True),
+                             variables=weights_lib.unflatten(flat))
 
 
 def official_bn_probe(backbone, *, image_size, passes=1):

@@ -26,7 +26,7 @@ COEFFICIENTS = {'efficientnet_lite0': (1.0, 1.0), 'efficientnet_lite1': (1.0, 1.
                 'efficientnet_lite4': (1.4, 1.8)}
 
 # The reference implementation's BatchNorm: epsilon 1e-3, PyTorch momentum 1 - 0.99.
-_BatchNorm = functools.partial(BatchNorm, epsilon=1e-3, momentum=0.01)
+BATCHNORM = functools.partial(BatchNorm, epsilon=1e-3, momentum=0.01)
 
 
 def _round_filters(filters, width, divisor=8):
@@ -75,9 +75,11 @@ class MBConv(nn.Module):
   expand: int
   cin: int
   cout: int
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x):
+    _BatchNorm = functools.partial(BATCHNORM, folded=self.fold_bn)  # pylint: disable=invalid-name
     y = x
     mid = self.cin * self.expand
     if self.expand != 1:
@@ -95,10 +97,12 @@ class EfficientNetLite(nn.Module):
   variant: str = 'efficientnet_lite2'
   stages: Sequence[str] = ('blocks.6', 'blocks.14')
   num_classes: int = 1000
+  fold_bn: bool = False  # BatchNorms only add their bias (weights from backbones.fold_batchnorm).
 
   @nn.compact
   def __call__(self, x):
     """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, classes])."""
+    _BatchNorm = functools.partial(BATCHNORM, folded=self.fold_bn)  # pylint: disable=invalid-name
     specs = block_specs(self.variant)
     order = ['stem'] + [f'blocks.{i}' for i in range(len(specs))] + ['head', 'logits']
     last = deepest_stage(self.stages, order, self.variant)
@@ -108,13 +112,22 @@ class EfficientNetLite(nn.Module):
     for i, spec in enumerate(specs):
       if last < i + 1:
         break
-      x = out[f'blocks.{i}'] = MBConv(*spec, name=f'blocks_{i}')(x)
+      x = out[f'blocks.{i}'] = MBConv(*spec, self.fold_bn, name=f'blocks_{i}')(x)
     if last >= order.index('head'):
       x = Conv(1280, (1, 1), name='conv_head')(x)
       x = out['head'] = nn.relu6(_BatchNorm(name='bn1')(x))
     if last >= order.index('logits'):
       out['logits'] = nn.Dense(self.num_classes, name='fc')(jnp.mean(x, axis=(1, 2)))
     return {s: out[s] for s in self.stages}
+
+
+def conv_of_batchnorm(path):
+  """The convolution a BatchNorm normalises: 'bn0' -> 'conv_stem', 'bn1' -> 'conv_head',
+  'blocks_3/bn0' -> 'blocks_3/expand_conv', .../bn1 -> depthwise_conv, .../bn2 -> project_conv."""
+  head, _, leaf = path.rpartition('/')
+  if not head:
+    return {'bn0': 'conv_stem', 'bn1': 'conv_head'}[leaf]
+  return f"{head}/{ {'bn0': 'expand_conv', 'bn1': 'depthwise_conv', 'bn2': 'project_conv'}[leaf]}"
 
 
 def torch_rename(module_path):

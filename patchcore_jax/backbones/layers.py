@@ -60,11 +60,15 @@ class BatchNorm(nn.Module):
   normalises with the batch's (biased) statistics and moves the running mean and the *unbiased*
   running variance towards them by `momentum` (PyTorch's convention: the new value's weight).
   That step exists only to reproduce the official implementation (`backbones.official_bn_probe`).
+  With `folded=True` (inference only) it adds `bias` and nothing else: `backbones.fold_batchnorm`
+  has multiplied the normalisation into the preceding convolution and the shift into `bias`.
 
-  Variables: params/scale, params/bias, batch_stats/mean, batch_stats/var.
+  Variables: params/scale, params/bias, batch_stats/mean, batch_stats/var (also when folded, so
+  the variable tree does not change).
   """
   epsilon: float = 1e-5
   momentum: float = 0.1
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -73,6 +77,10 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
     var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    if self.folded:
+      if self.is_mutable_collection('batch_stats') and not self.is_initializing():
+        raise ValueError('a folded BatchNorm has no training mode; fold after the BN probe')
+      return x + bias
     if self.is_mutable_collection('batch_stats') and not self.is_initializing():
       axes = tuple(range(x.ndim - 1))
       n = x.size // c

@@ -10,13 +10,14 @@ torchvision's `mobilenet_v2` names onto it, so torchvision checkpoints load too.
 Stage outputs: 'features.0' .. 'features.18' (ReLU6 applied), and 'logits' when the model has a
 classifier ('classifier_1', torchvision's name).
 """
+import functools
 import re
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from patchcore_jax.backbones.layers import BatchNorm
+from patchcore_jax.backbones.layers import BatchNorm as _BatchNorm
 from patchcore_jax.backbones.layers import Conv
 from patchcore_jax.backbones.layers import DepthwiseConv
 from patchcore_jax.backbones.layers import deepest_stage
@@ -55,9 +56,11 @@ class InvertedResidual(nn.Module):
   cin: int
   cout: int
   stride: int
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x):
+    BatchNorm = functools.partial(_BatchNorm, folded=self.fold_bn)  # pylint: disable=invalid-name
     hidden = self.cin * self.expand
     y, i = x, 0
     if self.expand != 1:  # pw: conv_0, conv_1
@@ -72,10 +75,12 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
   stages: Sequence[str] = DEFAULT_STAGES
   num_classes: int = 1000
+  fold_bn: bool = False  # BatchNorms only add their bias (weights from backbones.fold_batchnorm).
 
   @nn.compact
   def __call__(self, x):
     """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, classes])."""
+    BatchNorm = functools.partial(_BatchNorm, folded=self.fold_bn)  # pylint: disable=invalid-name
     last = deepest_stage(self.stages, STAGES, 'MobileNetV2')
     out = {}
     x = Conv(32, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name='features_0_0')(x)
@@ -83,13 +88,23 @@ class MobileNetV2(nn.Module):
     for i, spec in enumerate(block_specs()):
       if last < i + 1:
         break
-      x = out[f'features.{i + 1}'] = InvertedResidual(*spec, name=f'features_{i + 1}')(x)
+      x = out[f'features.{i + 1}'] = InvertedResidual(*spec, self.fold_bn,
+                                                       name=f'features_{i + 1}')(x)
     if last >= STAGES.index('features.18'):
       x = Conv(1280, (1, 1), name='features_18_0')(x)
       x = out['features.18'] = nn.relu6(BatchNorm(name='features_18_1')(x))
     if last >= STAGES.index('logits'):
       out['logits'] = nn.Dense(self.num_classes, name='classifier_1')(jnp.mean(x, axis=(1, 2)))
     return {s: out[s] for s in self.stages}
+
+
+def conv_of_batchnorm(path):
+  """The convolution a BatchNorm normalises: 'features_0_1' -> 'features_0_0',
+  'features_3/conv_4' -> 'features_3/conv_3'."""
+  head, _, leaf = path.rpartition('/')
+  stem, _, index = leaf.rpartition('_')
+  conv = f'{stem}_{int(index) - 1}'
+  return f'{head}/{conv}' if head else conv
 
 
 def from_torchvision_names(state_dict):

@@ -4,12 +4,13 @@ Module names mirror torchvision's parameter names ('layer1.0.downsample.1' -> 'l
 so torchvision state dicts convert by renaming alone. `__call__` returns a dict of the stage outputs
 named in `stages` ('stem', 'layer1'..'layer4', 'logits') and stops after the deepest one.
 """
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from patchcore_jax.backbones.layers import BatchNorm
+from patchcore_jax.backbones.layers import BatchNorm as _BatchNorm
 from patchcore_jax.backbones.layers import Conv
 from patchcore_jax.backbones.layers import deepest_stage
 
@@ -30,10 +31,12 @@ class BasicBlock(nn.Module):
   downsample: bool = False
   groups: int = 1
   base_width: int = 64
+  fold_bn: bool = False
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
+    BatchNorm = functools.partial(_BatchNorm, folded=self.fold_bn)  # pylint: disable=invalid-name
     identity = x
     y = nn.relu(BatchNorm(name='bn1')(_conv(self.planes, 3, self.stride, name='conv1')(x)))
     y = BatchNorm(name='bn2')(_conv(self.planes, 3, name='conv2')(y))
@@ -50,10 +53,12 @@ class Bottleneck(nn.Module):
   downsample: bool = False
   groups: int = 1
   base_width: int = 64
+  fold_bn: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x):
+    BatchNorm = functools.partial(_BatchNorm, folded=self.fold_bn)  # pylint: disable=invalid-name
     width = int(self.planes * (self.base_width / 64.0)) * self.groups
     identity = x
     y = nn.relu(BatchNorm(name='bn1')(_conv(width, 1, name='conv1')(x)))
@@ -74,6 +79,7 @@ class ResNet(nn.Module):
     groups, width_per_group: ResNeXt / Wide ResNet knobs (torchvision's names).
     stages: names of the stage outputs to return; the forward pass stops after the deepest.
     num_classes: size of the classifier head ('logits').
+    fold_bn: BatchNorms only add their bias (weights from `backbones.fold_batchnorm`).
   """
   block: type
   layers: Sequence[int]
@@ -81,10 +87,12 @@ class ResNet(nn.Module):
   width_per_group: int = 64
   stages: Sequence[str] = ('layer2', 'layer3')
   num_classes: int = 1000
+  fold_bn: bool = False
 
   @nn.compact
   def __call__(self, x):
     """x: [B, H, W, 3] normalised images -> {stage: [B, h, w, C]} ('logits': [B, num_classes])."""
+    BatchNorm = functools.partial(_BatchNorm, folded=self.fold_bn)  # pylint: disable=invalid-name
     last = deepest_stage(self.stages, STAGES, 'ResNet')
     out = {}
     x = nn.relu(BatchNorm(name='bn1')(
@@ -99,7 +107,7 @@ class ResNet(nn.Module):
       for j in range(blocks):
         needs_downsample = j == 0 and (stride != 1 or in_planes != planes * self.block.expansion)
         x = self.block(planes, stride if j == 0 else 1, needs_downsample, self.groups,
-                       self.width_per_group, name=f'layer{i + 1}_{j}')(x)
+                       self.width_per_group, self.fold_bn, name=f'layer{i + 1}_{j}')(x)
         in_planes = planes * self.block.expansion
       out[f'layer{i + 1}'] = x
     if last == STAGES.index('logits'):
@@ -118,6 +126,14 @@ ARCHS = {
     'resnext50_32x4d': dict(block=Bottleneck, layers=(3, 4, 6, 3), groups=32, width_per_group=4),
     'resnext101_32x8d': dict(block=Bottleneck, layers=(3, 4, 23, 3), groups=32, width_per_group=8),
 }
+
+
+def conv_of_batchnorm(path):
+  """The convolution a BatchNorm normalises: 'layer1_0/bn2' -> 'layer1_0/conv2',
+  'layer2_0/downsample_1' -> 'layer2_0/downsample_0', 'bn1' -> 'conv1'."""
+  head, _, leaf = path.rpartition('/')
+  conv = 'downsample_0' if leaf == 'downsample_1' else leaf.replace('bn', 'conv')
+  return f'{head}/{conv}' if head else conv
 
 
 def torch_rename(module_path):
