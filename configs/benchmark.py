@@ -6,10 +6,12 @@ Random weights and generated inputs (nothing to download). Writes DIR/benchmark.
 DIR/benchmark.md; see patchcore_jax/benchmark.py for what each row measures. Arguments: backbone
 (any name in patchcore_jax.backbones.NAMES) and size=full|tiny (tiny: a seconds-long smoke run).
 
-Expected on a 2-core AMD EPYC (AVX-512), JAX 0.10.2 CPU, wide_resnet50_2 (README has the table):
-about 10 minutes; backbone ~120 ms/img under jit (torch eager ~130 ms/img); kNN over the 10 %
-bottle coreset ~80 % of the same-shape jnp.dot rate and about 2x faster than faiss IndexFlatL2;
-one greedy-coreset iteration over the bottle bank ~2.7 ms, at the machine's read bandwidth.
+Expected on a 2-core AMD EPYC (AVX-512), JAX 0.10.2 CPU, wide_resnet50_2 (README has the table),
+about 10 minutes: backbone 110-116 ms/img under jit (torchvision eager in the same process
+102-115 ms); kNN over the 10 % bottle coreset 136-141 ms/img, at or above the same-shape jnp.dot
+and on par with faiss IndexFlatL2 (141-148 ms); one greedy-coreset iteration over the bottle bank
+2.5-2.9 ms, 1.10-1.13x the time to read its projection once; peak RSS of the bottle-bank fit
+about 1.2 GiB. Optional rows: `pip install faiss-cpu==1.15.1`; torch 2.14.1 + torchvision 0.29.1.
 """
 import ml_collections
 
