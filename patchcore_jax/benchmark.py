@@ -175,7 +175,6 @@ def machine_description():
 
 def bench_bank_and_coreset(config, *, patches_per_image, dim, rng):
   """Projection, coreset and kNN stages for every bank size; also memory. -> (records, memory)."""
-  t = config.timing
   records, memory = [], {}
   for scale in config.bank.scales:
     n = config.bank.num_images * patches_per_image * scale
@@ -194,79 +193,10 @@ def bench_bank_and_coreset(config, *, patches_per_image, dim, rng):
                 'projection_bytes': n * config.bank.projection_dim * 4,
                 'rss_before_bank_bytes': rss_before, 'peak_rss_bytes': peak_rss_bytes(),
                 'subsample_seconds': time.perf_counter() - start}
-    matrix = coreset.random_projection(jax.random.key(config.seed), dim,
-                                       config.bank.projection_dim)
-
-    # Projection: host bank -> device [d, N], block by block.
-    block = inspect.signature(coreset.project).parameters['block_size'].default
-    block_args = (np.zeros((min(block, n), dim), np.float32), matrix)
-    _, compile_seconds = compile_fn(coreset._project_block, block_args)  # pylint: disable=protected-access
-    dev_bank = jax.device_put(bank)
-    limit = dot_seconds(dev_bank, matrix.T, repeats=t.repeats)
-    del dev_bank
-    times = _call_times(lambda: coreset.project(bank, matrix), (), repeats=t.repeats)
-    flops = 2 * n * dim * config.bank.projection_dim
-    records.append(_record('projection', 'jit', label, times, compile_seconds=compile_seconds,
-                           limit=limit, note=f'limit: the same dot on a device-resident bank, '
-                           f'{flops / limit / 1e9:.0f} GFLOP/s; ours reads the host bank in '
-                           f'blocks of {block} rows'))
-    with jax.disable_jit():
-      times = _call_times(lambda: coreset.project(bank, matrix), (), repeats=t.eager_repeats)
-    records.append(_record('projection', 'eager', label, times, limit=limit))
-    projected_t = coreset.project(bank, matrix)  # [d, N]
-    init = coreset.initial_distances(projected_t, jax.random.key(1))
-    norms = jax.jit(coreset.squared_norms)(projected_t)
-
-    # Greedy coreset, seconds per iteration.
-    read_kernel, read_limit = read_seconds(projected_t, repeats=max(t.repeats, 10))
-    gbps = projected_t.nbytes / read_limit / 1e9
-    records.append(_record('read_bandwidth', 'limit', f'[{config.bank.projection_dim}, {n:,}] f32 '
-                           f'({_mb(projected_t.nbytes)})', [read_limit], note=f'{gbps:.1f} GB/s '
-                           f'({read_kernel}, fastest of sum/max/ones-matvec)'))
-    first_size = None
-    for percentage in config.bank.percentages:
-      num_samples = int(n * percentage)
-      iters = min(num_samples, t.coreset_iterations)
-      args = (projected_t, norms, init, jnp.zeros((num_samples,), jnp.int32), 0, iters)
-      chunk = functools.partial(coreset._greedy_chunk, precision='highest')  # pylint: disable=protected-access
-      compiled, compile_seconds = compile_fn(chunk, args)
-
-      def run_loop(compiled=compiled, num_samples=num_samples, iters=iters, stop=iters):
-        min_dist = jnp.array(init)  # Donated by the loop: a fresh copy per call.
-        jax.block_until_ready(min_dist)
-        start = time.perf_counter()
-        out = compiled(projected_t, norms, min_dist, jnp.zeros((num_samples,), jnp.int32), 0,
-                       stop)
-        jax.block_until_ready(out)
-        return time.perf_counter() - start
-
-      run_loop(stop=min(iters, 10))  # Warm-up (bounds are traced: the same executable).
-      times = [run_loop() / iters for _ in range(t.coreset_repeats)]
-      size = f'{label}, {percentage:.0%} ({num_samples:,} iterations)'
-      first_size = first_size or size
-      note = ('every iteration reads the whole projected bank, so its cost does not depend on '
-              'the iteration; ' + (f'first {iters:,} of {num_samples:,} iterations timed'
-                                   if iters < num_samples else 'all iterations timed') +
-              f'; the whole coreset takes about {_fmt(num_samples * np.median(times))}')
-      records.append(_record('coreset', 'jit', size, times, compile_seconds=compile_seconds,
-                             limit=read_limit, note=note))
-    # Eager and numpy once per bank size (the work per iteration does not depend on the
-    # percentage), labelled as the first percentage's jit row so that the table compares them.
-    size = first_size
-    eager_iters = t.coreset_eager_iterations
-    with jax.disable_jit():
-      times = _call_times(lambda: eager_greedy(projected_t, norms, init, iterations=eager_iters),
-                          (), repeats=t.eager_repeats, per=eager_iters)
-    records.append(_record('coreset', 'eager', size, times, limit=read_limit,
-                           note=f'{eager_iters} iterations of the loop body timed'))
-    points = np.ascontiguousarray(np.asarray(projected_t).T)  # [N, d], the natural numpy layout.
-    np_norms, np_init = np.asarray(norms), np.asarray(init)
-    times = _call_times(lambda: numpy_greedy(points, np_norms, np_init,
-                                             iterations=t.numpy_iterations), (),
-                        repeats=t.eager_repeats, warmup=0, per=t.numpy_iterations)
-    records.append(_record('coreset', 'numpy', size, times, limit=read_limit,
-                           note=f'{t.numpy_iterations} iterations of a plain numpy loop on [N, d]'))
-    del points
+    projection_records, projected_t = bench_projection(config, bank, label=label)
+    records += projection_records
+    records += bench_coreset(config, projected_t, label=label)
+    del projected_t
     # kNN per image over coresets of this bank.
     queries = jax.device_put(
         rng.standard_normal((config.batch_size, patches_per_image, dim), dtype=np.float32))
@@ -274,8 +204,84 @@ def bench_bank_and_coreset(config, *, patches_per_image, dim, rng):
       m = int(n * percentage)
       records.extend(bench_knn(config, bank[:m], queries, label=f'{m:,}-row bank '
                                f'({percentage:.0%} of {n:,})'))
-    del bank, projected_t, init, norms
+    del bank
   return records, memory
+
+
+def bench_projection(config, bank, *, label):
+  """Host bank [N, D] -> device [d, N], block by block. -> (records, the projection)."""
+  t = config.timing
+  n, dim = bank.shape
+  matrix = coreset.random_projection(jax.random.key(config.seed), dim, config.bank.projection_dim)
+  block = inspect.signature(coreset.project).parameters['block_size'].default
+  block_args = (np.zeros((min(block, n), dim), np.float32), matrix)
+  _, compile_seconds = compile_fn(coreset._project_block, block_args)  # pylint: disable=protected-access
+  limit = dot_seconds(jax.device_put(bank), matrix.T, repeats=t.repeats)
+  project = lambda: coreset.project(bank, matrix)
+  times = _call_times(project, (), repeats=t.repeats)
+  flops = 2 * n * dim * config.bank.projection_dim
+  records = [_record('projection', 'jit', label, times, compile_seconds=compile_seconds,
+                     limit=limit, note=f'limit: the same dot on a device-resident bank, '
+                     f'{flops / limit / 1e9:.0f} GFLOP/s; ours reads the host bank in blocks of '
+                     f'{block} rows')]
+  with jax.disable_jit():
+    times = _call_times(project, (), repeats=t.eager_repeats)
+  records.append(_record('projection', 'eager', label, times, limit=limit))
+  return records, project()
+
+
+def bench_coreset(config, projected_t, *, label):
+  """Greedy coreset over projected_t [d, N], seconds per iteration: jit per percentage, eager
+  and numpy once (the work per iteration does not depend on the percentage)."""
+  t = config.timing
+  d, n = projected_t.shape
+  init = coreset.initial_distances(projected_t, jax.random.key(1))
+  norms = coreset.squared_norms_jit(projected_t)
+  read_kernel, read_limit = read_seconds(projected_t, repeats=max(t.repeats, 10))
+  records = [_record('read_bandwidth', 'limit', f'[{d}, {n:,}] f32 ({_mb(projected_t.nbytes)})',
+                     [read_limit], note=f'{projected_t.nbytes / read_limit / 1e9:.1f} GB/s '
+                     f'({read_kernel}, fastest of sum/max/ones-matvec)')]
+  chunk = functools.partial(coreset._greedy_chunk, precision='highest')  # pylint: disable=protected-access
+  sizes = []
+  for percentage in config.bank.percentages:
+    num_samples = int(n * percentage)
+    iters = min(num_samples, t.coreset_iterations)
+    compiled, compile_seconds = compile_fn(
+        chunk, (projected_t, norms, init, jnp.zeros((num_samples,), jnp.int32), 0, iters))
+
+    def run_loop(stop, compiled=compiled, num_samples=num_samples):
+      min_dist = jnp.array(init)  # Donated by the loop: a fresh copy per call, made untimed.
+      selected = jnp.zeros((num_samples,), jnp.int32)
+      jax.block_until_ready((min_dist, selected))
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(projected_t, norms, min_dist, selected, 0, stop))
+      return time.perf_counter() - start
+
+    run_loop(min(iters, 10))  # Warm-up (bounds are traced: the same executable).
+    times = [run_loop(iters) / iters for _ in range(t.coreset_repeats)]
+    sizes.append(f'{label}, {percentage:.0%} ({num_samples:,} iterations)')
+    timed = (f'first {iters:,} of {num_samples:,} iterations timed' if iters < num_samples
+             else 'all iterations timed')
+    records.append(_record(
+        'coreset', 'jit', sizes[-1], times, compile_seconds=compile_seconds, limit=read_limit,
+        note=f'every iteration reads the whole projected bank, so its cost does not depend on '
+             f'the iteration; {timed}; the whole coreset takes about '
+             f'{_fmt(num_samples * np.median(times))}'))
+  # Labelled as the first percentage's jit row, so that the table compares them.
+  eager_iters = t.coreset_eager_iterations
+  with jax.disable_jit():
+    times = _call_times(lambda: eager_greedy(projected_t, norms, init, iterations=eager_iters),
+                        (), repeats=t.eager_repeats, per=eager_iters)
+  records.append(_record('coreset', 'eager', sizes[0], times, limit=read_limit,
+                         note=f'{eager_iters} iterations of the loop body timed'))
+  points = np.ascontiguousarray(np.asarray(projected_t).T)  # [N, d], the natural numpy layout.
+  np_norms, np_init = np.asarray(norms), np.asarray(init)
+  times = _call_times(lambda: numpy_greedy(points, np_norms, np_init,
+                                           iterations=t.numpy_iterations), (),
+                      repeats=t.eager_repeats, warmup=0, per=t.numpy_iterations)
+  records.append(_record('coreset', 'numpy', sizes[0], times, limit=read_limit,
+                         note=f'{t.numpy_iterations} iterations of a plain numpy loop on [N, d]'))
+  return records
 
 
 def bench_knn(config, bank_rows, queries, *, label):
@@ -338,7 +344,7 @@ def bench_backbone(config):
     if config.compare.torch:
       records.extend(bench_torch_backbone(config, backbone, per=b))
 
-  maps = backbone.apply(images)
+  maps = jax.jit(backbone.apply)(images)
   stage_maps = [maps[name] for name in backbone.stages]
   embed = functools.partial(features_lib.patch_features, patch_size=config.features.patch_size,
                             pretrain_dim=config.features.pretrain_dim,

@@ -74,6 +74,9 @@ def squared_norms(projected_t):
   return jnp.dot(ones, projected_t * projected_t, precision=lax.Precision.HIGHEST)
 
 
+squared_norms_jit = jax.jit(squared_norms)
+
+
 def _sq_dist_to(projected_t, norms, index, precision):
   """Squared L2 distances [N] from every column of projected_t [d, N] to column `index`."""
   centre = lax.dynamic_index_in_dim(projected_t, index, axis=1, keepdims=False)  # [d]
@@ -114,7 +117,7 @@ def greedy_coreset_loop(projected_t, init_dist, *, num_samples, precision='highe
   chunk_size = chunk_size or num_samples
   min_dist = jnp.array(init_dist, jnp.float32)  # A copy: the loop donates its buffers.
   selected = jnp.zeros((num_samples,), jnp.int32)
-  norms = jax.jit(squared_norms)(projected_t)
+  norms = squared_norms_jit(projected_t)
   for start in range(0, num_samples, chunk_size):
     stop = min(start + chunk_size, num_samples)
     min_dist, selected = _greedy_chunk(projected_t, norms, min_dist, selected, start, stop,
