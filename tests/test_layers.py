@@ -17,6 +17,7 @@ from patchcore_jax.backbones import layers
     (1, 1, ((1, 1), (1, 1)), 1, False),   # padded 1x1 takes the general path
     (3, 2, ((1, 1), (1, 1)), 2, False),
     (3, 1, 'SAME', 1, True),
+    (3, 1, ((1, 1), (1, 1)), 1, True),    # Winograd path (9x7 grid, odd on both axes)
 ])
 def test_conv_matches_flax_conv(kernel, stride, padding, groups, bias):
   """Same parameter tree as nn.Conv and the same outputs, odd sizes included."""
@@ -31,4 +32,40 @@ def test_conv_matches_flax_conv(kernel, stride, padding, groups, bias):
           jax.tree_util.tree_map(jnp.shape, params))
   got, want = ours.apply(params, x), ref.apply(params, x)
   assert got.shape == want.shape
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 5), (1, 9, 7, 3), (3, 14, 14, 16), (1, 1, 1, 2), (1, 2, 5, 4)])
+def test_winograd_conv3x3_matches_lax_conv(shape):
+  """F(2x2, 3x3) against the direct convolution (float64 reference), even and odd grids."""
+  kx, kk = jax.random.split(jax.random.key(sum(shape)))
+  x = jax.random.normal(kx, shape)
+  kernel = jax.random.normal(kk, (3, 3, shape[-1], 7)) / np.sqrt(9 * shape[-1])
+  got = layers.winograd_conv3x3(x, kernel)
+  want = jax.lax.conv_general_dilated(
+      np.asarray(x, np.float64), np.asarray(kernel, np.float64), (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert got.shape == want.shape
+  scale = float(np.abs(want).max())
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
+
+
+def _conv_primitives(module, x):
+  """The jaxpr's text (nested jaxprs included), to look for primitive names in."""
+  params = module.init(jax.random.key(0), x)
+  return str(jax.make_jaxpr(module.apply)(params, x))
+
+
+def test_conv_takes_winograd_path_only_where_it_should():
+  """3x3/stride 1/pad 1 on a grid up to WINOGRAD_MAX_PIXELS: no lax convolution is left."""
+  conv = 'conv_general_dilated'
+  small = jnp.zeros((1, 8, 8, 4))
+  side = int(np.sqrt(layers.WINOGRAD_MAX_PIXELS)) + 1
+  large = jnp.zeros((1, side, side, 4))
+  pad = ((1, 1), (1, 1))
+  assert conv not in _conv_primitives(layers.Conv(4, (3, 3), padding=pad), small)
+  assert conv in _conv_primitives(layers.Conv(4, (3, 3), padding=pad, winograd=False), small)
+  assert conv in _conv_primitives(layers.Conv(4, (3, 3), padding=pad), large)
+  assert conv in _conv_primitives(layers.Conv(4, (3, 3), strides=(2, 2), padding=pad), small)
+  assert conv in _conv_primitives(layers.Conv(4, (3, 3), padding='SAME'), small)
+  assert conv in _conv_primitives(layers.Conv(4, (3, 3), padding=pad, feature_group_count=2), small)

@@ -3,7 +3,73 @@ from typing import Any, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): Y = A^T [(G g G^T) * (B^T d B)] A per 4x4 input tile d
+# and 2x2 output tile, 16 products where the direct form needs 36.
+_WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+
+# Largest input grid (H * W) on which `Conv` takes the Winograd path. Measured on a 2-core AVX-512
+# CPU, batch 8, 224 px, direct vs Winograd up to 56x56 (ms/img, median of 8 interleaved calls):
+# WideResNet-50-2 to layer3 115.5 vs 108.7, VGG16 196 vs 162, DenseNet-201 75 vs 67, ResNet-18
+# 24.5 vs 19.2. Alone, a 56x56x128 convolution is slower as Winograd (the tile transforms are
+# memory-bound), but inside a network they fuse with the neighbouring bias and ReLU; on VGG16's
+# 112x112 and 224x224 grids Winograd no longer pays (168 ms/img with it everywhere).
+WINOGRAD_MAX_PIXELS = 56 * 56
+
+
+def winograd_kernel(kernel, *, precision=lax.Precision.HIGHEST):
+  """G g G^T: [3, 3, I, O] -> [16, I, O], the transformed kernel of `winograd_conv3x3`."""
+  u = jnp.einsum('ai,ijco,bj->abco', _WINOGRAD_G, kernel, _WINOGRAD_G, precision=precision)
+  return u.reshape(16, *kernel.shape[2:])
+
+
+def _bt(d0, d1, d2, d3):
+  """B^T of F(2, 3) applied across four operands."""
+  return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def _at(m0, m1, m2, m3):
+  """A^T of F(2, 3) applied across four operands."""
+  return m0 + m1 + m2, m1 - m2 - m3
+
+
+def winograd_conv3x3(x, kernel, *, precision=lax.Precision.HIGHEST):
+  """A 3x3, stride-1, pad-1 convolution computed with Winograd F(2x2, 3x3).
+
+  The same result as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` up to float
+  rounding (relative error ~1e-6), with 2.25x fewer multiplications: the input is cut into
+  overlapping 4x4 tiles (stride 2), each tile transformed by B^T d B, the 16 transformed planes
+  multiplied by the 16 planes of the transformed kernel (16 matmuls over the channels), and each
+  product brought back to a 2x2 output tile by A^T m A. Odd H or W are padded by one and cropped.
+
+  Args:
+    x: [B, H, W, I].
+    kernel: [3, 3, I, O] (HWIO).
+    precision: of the 16 channel matmuls.
+
+  Returns:
+    [B, H, W, O].
+  """
+  b, h, w, c = x.shape
+  th, tw = -(-h // 2), -(-w // 2)
+  xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * th - h), (1, 1 + 2 * tw - w), (0, 0)))
+  xp = xp.reshape(b, th + 1, 2, tw + 1, 2, c)  # row 2t + i of the padded input is [t + i // 2, i % 2]
+  rows = _bt(*[xp[:, i // 2:i // 2 + th, i % 2] for i in range(4)])
+  v = []
+  for r in rows:
+    v.extend(_bt(*[r[:, :, j // 2:j // 2 + tw, j % 2] for j in range(4)]))  # 16 x [B, th, tw, I]
+  u = winograd_kernel(kernel, precision=precision)
+  # Sixteen separate dots, not one batched dot over a stacked [16, ...] array: stacking the
+  # transformed planes is a slow concatenation on XLA's CPU backend.
+  m = [jnp.dot(vi.reshape(-1, c), u[i], precision=precision).reshape(b, th, tw, -1)
+       for i, vi in enumerate(v)]
+  rows = [_at(*m[4 * a:4 * a + 4]) for a in range(4)]
+  y = [_at(*[rows[a][q] for a in range(4)]) for q in range(2)]  # y[q][p]: output pixel (2t+p, 2s+q)
+  y = jnp.stack([jnp.stack(y[0]), jnp.stack(y[1])], axis=1)  # [p, q, B, th, tw, O]
+  y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(b, 2 * th, 2 * tw, -1)
+  return y[:, :h, :w]
 
 
 class Conv(nn.Module):
@@ -12,7 +78,9 @@ class Conv(nn.Module):
   1x1 convolutions are computed as a plain matrix product over the channels (after subsampling
   for a stride): XLA's CPU convolution reaches about half the throughput of its matmul on the
   1x1 shapes of a ResNet bottleneck, the dot about 160-210 GFLOP/s on a 2-core AVX-512 CPU.
-  Everything else is `lax.conv_general_dilated`. Grouped 1x1 convolutions use the general path.
+  3x3 stride-1 pad-1 ungrouped convolutions on grids of at most `WINOGRAD_MAX_PIXELS` use
+  `winograd_conv3x3` (where it measured faster) unless `winograd=False`. Everything else is
+  `lax.conv_general_dilated`. Grouped 1x1 convolutions use the general path.
 
   Attributes:
     features: output channels.
@@ -21,6 +89,7 @@ class Conv(nn.Module):
     padding: ((top, bottom), (left, right)) or 'SAME' / 'VALID'.
     feature_group_count: groups (ResNeXt).
     use_bias: add a bias.
+    winograd: allow the Winograd path.
   """
   features: int
   kernel_size: Tuple[int, int]
@@ -29,6 +98,7 @@ class Conv(nn.Module):
   feature_group_count: int = 1
   use_bias: bool = False
   precision: Any = lax.Precision.HIGHEST
+  winograd: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -42,6 +112,11 @@ class Conv(nn.Module):
     if (kh, kw) == (1, 1) and self.feature_group_count == 1 and unpadded:
       sh, sw = self.strides
       y = jnp.einsum('bhwc,cd->bhwd', x[:, ::sh, ::sw], kernel[0, 0], precision=self.precision)
+    elif (self.winograd and (kh, kw) == (3, 3) and tuple(self.strides) == (1, 1)
+          and self.feature_group_count == 1 and not isinstance(self.padding, str)
+          and all(tuple(p) == (1, 1) for p in self.padding)
+          and x.shape[1] * x.shape[2] <= WINOGRAD_MAX_PIXELS):
+      y = winograd_conv3x3(x, kernel, precision=self.precision)
     else:
       y = lax.conv_general_dilated(x, kernel, self.strides, self.padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
