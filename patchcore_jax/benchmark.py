@@ -296,9 +296,24 @@ def bench_knn(config, bank_rows, queries, *, label):
   size = f'{p} queries x {label}, per image (batch {b})'
   records = [
       time_jit('knn', size, fn, (queries, bank), repeats=t.repeats, per=b, limit=limit,
-               note=f'limit: plain jnp.dot of the same shapes, {flops / limit / 1e9:.0f} GFLOP/s'),
-      time_eager('knn', size, fn, (queries, bank), repeats=t.eager_repeats, per=b, limit=limit),
+               note=f'float32 scan; limit: plain float32 jnp.dot of the same shapes, '
+               f'{flops / limit / 1e9:.0f} GFLOP/s'),
+      time_eager('knn', size, fn, (queries, bank), repeats=t.eager_repeats, per=b, limit=limit,
+                 note='float32 scan'),
   ]
+  screened = knn.prepare_bank(bank_rows, block_size=config.knn.block_size, screen=True)
+  if config.knn.screen and knn.uses_screen(screened):
+    want = fn(queries, bank)[1]
+    got = fn(queries, screened)[1]
+    same = float(jnp.mean(got == want))
+    records += [
+        time_jit('knn_screened', size, fn, (queries, screened), repeats=t.repeats, per=b,
+                 limit=limit, note=f'bfloat16 screen + float32 check; same index as the float32 '
+                 f'scan for {same:.2%} of queries; limit: the float32 dot'),
+        time_eager('knn_screened', size, fn, (queries, screened), repeats=t.eager_repeats,
+                   per=b, limit=limit),
+    ]
+  del screened
   if config.compare.faiss:
     try:
       import faiss  # pylint: disable=g-import-not-at-top

@@ -81,7 +81,8 @@ def run_category(config, backbone, split, workdir, key):
   cc = config.coreset
   bank, _ = patchcore.subsample(
       bank_features, percentage=cc.percentage, key=key, projection_dim=cc.projection_dim,
-      num_starts=cc.num_starts, block_size=config.knn.block_size, precision=config.knn.precision)
+      num_starts=cc.num_starts, block_size=config.knn.block_size, precision=config.knn.precision,
+      screen=config.knn.screen)
   jax.block_until_ready(bank)
   coreset_seconds = time.perf_counter() - t1
   fit_seconds = time.perf_counter() - t0

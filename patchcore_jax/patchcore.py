@@ -64,8 +64,10 @@ def build_memory_bank(embed_fn, batches, *, num_images):
 
 
 def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=10,
-              block_size=128, precision='highest'):
+              block_size=128, precision='highest', screen=True):
   """Approximate greedy coreset of `bank_features` [N, D] -> (knn.Bank, indices [M]).
+
+  `screen` adds the bfloat16 screening copy to the bank (`knn.screened_nearest_neighbour`).
 
   A host (numpy) bank stays on the host: only its projection and the selected rows go to the
   device, so memory holds one full-precision copy of the bank plus its projection.
@@ -85,7 +87,7 @@ def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=
     selected = bank_features[np.asarray(indices)]
   else:
     selected = bank_features[indices]
-  return knn.prepare_bank(selected, block_size=block_size), indices
+  return knn.prepare_bank(selected, block_size=block_size, screen=screen), indices
 
 
 def _predict(embed, variables, bank, images, *, image_size, k, distance, sigma, reweight,

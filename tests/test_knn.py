@@ -80,3 +80,81 @@ def test_ties_across_blocks_keep_the_first_row():
   bank = knn.prepare_bank(bank_features, block_size=3)
   _, idx = knn.nearest_neighbours(jnp.ones((2, 4)), bank)
   np.testing.assert_array_equal(np.asarray(idx), 0)
+
+
+def _screened_bank(bank_features, block_size=32):
+  bank = knn.prepare_bank(bank_features, block_size=block_size, screen=True)
+  assert knn.uses_screen(bank)
+  return bank
+
+
+def test_screened_search_matches_brute_force():
+  """The bfloat16 screen + float32 check returns the exact nearest row (float64 reference)."""
+  queries, bank_features = _data(p=70, m=700, d=48, seed=3)
+  bank = _screened_bank(bank_features)
+  dist, idx = knn.batch_nearest_neighbours(jnp.asarray(queries), bank, k=1)
+  ref_d, ref_i = _brute(queries, bank_features, 1)
+  np.testing.assert_array_equal(np.asarray(idx), ref_i)
+  np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-5)
+  # The same answer as the float32 scan of an unscreened bank.
+  plain = knn.prepare_bank(bank_features, block_size=32)
+  np.testing.assert_array_equal(idx, knn.batch_nearest_neighbours(jnp.asarray(queries), plain)[1])
+
+
+def test_screen_certifies_only_true_winners():
+  """With one candidate many queries are left uncertified; every certified one is right."""
+  queries, bank_features = _data(p=200, m=700, d=48, seed=4)
+  bank = _screened_bank(bank_features)
+  flat = jnp.asarray(queries.reshape(-1, 48))
+  _, index, certified = knn._screen_block(flat, bank, candidates=1)  # pylint: disable=protected-access
+  _, ref_i = _brute(queries.reshape(1, -1, 48), bank_features, 1)
+  certified = np.asarray(certified)
+  assert 0.2 < certified.mean() < 1.0, certified.mean()
+  np.testing.assert_array_equal(np.asarray(index)[certified], ref_i[0, certified, 0])
+
+
+@pytest.mark.parametrize('num_near', [2, 40])
+def test_screened_search_exact_on_near_duplicates(num_near):
+  """Rows closer together than bfloat16 resolves (but float32 does): the fallback decides.
+
+  2 near-duplicate clusters leave a few queries uncertified (the per-query fallback); 40 leave
+  more than N/16 (the full fallback). Either way the answer is the float64 nearest row.
+  """
+  rng = np.random.default_rng(5)
+  d = 32
+  bank_features = rng.normal(size=(600, d)).astype(np.float32)
+  centres = rng.choice(600, num_near, replace=False)
+  # Rows 600 + 6j .. 600 + 6j + 5 lie about 0.06 from row centres[j] (norms ~5.7): their
+  # distances to a query 0.17 away differ by ~1e-2, far above float32's error (~1e-5) and far
+  # below the bfloat16 screen's bound (~0.1).
+  for c in centres:
+    near = bank_features[c] + 1e-2 * rng.normal(size=(6, d))
+    bank_features = np.concatenate([bank_features, near.astype(np.float32)])
+  queries = bank_features[centres][None] + 3e-2 * rng.normal(size=(1, num_near, d))
+  queries = np.concatenate([queries, rng.normal(size=(1, 60, d))], axis=1).astype(np.float32)
+  bank = _screened_bank(bank_features)
+  flat = jnp.asarray(queries[0])
+  _, _, certified = knn._screen_block(flat, bank, candidates=2)  # pylint: disable=protected-access
+  failed, few = int(np.sum(~np.asarray(certified))), flat.shape[0] // 16
+  assert (1 <= failed <= few) if num_near == 2 else (failed > few), (failed, few)
+  dist, idx = knn.screened_nearest_neighbour(flat, bank, candidates=2)
+  ref_d, ref_i = _brute(queries, bank_features, 1)
+  np.testing.assert_array_equal(np.asarray(idx)[:, 0], ref_i[0, :, 0])
+  # The fallback scan's ||q||^2 - 2 q.b + ||b||^2 carries float32 cancellation (~1e-6 ||q||^2).
+  np.testing.assert_allclose(np.asarray(dist)[:, 0], ref_d[0, :, 0], rtol=1e-5, atol=2e-5)
+
+
+def test_screened_search_blocks_queries_and_small_banks_use_the_scan():
+  queries, bank_features = _data(p=50, m=700, d=24, seed=6)
+  bank = _screened_bank(bank_features)
+  flat = jnp.asarray(queries.reshape(-1, 24))
+  whole = knn.screened_nearest_neighbour(flat, bank)
+  blocked = knn.screened_nearest_neighbour(flat, bank, max_block_floats=40 * 704)  # 40 per block
+  np.testing.assert_array_equal(whole[1], blocked[1])
+  np.testing.assert_array_equal(whole[0], blocked[0])
+  small = knn.prepare_bank(bank_features[:200], block_size=32, screen=True)  # 7 blocks
+  assert not knn.uses_screen(small)
+  with pytest.raises(ValueError, match='at least 9 bank blocks'):
+    knn.screened_nearest_neighbour(flat, small)
+  _, idx = knn.batch_nearest_neighbours(jnp.asarray(queries), small)
+  np.testing.assert_array_equal(np.asarray(idx), _brute(queries, bank_features[:200], 1)[1])
