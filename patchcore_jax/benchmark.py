@@ -301,7 +301,9 @@ def bench_knn(config, bank_rows, queries, *, label):
       time_eager('knn', size, fn, (queries, bank), repeats=t.eager_repeats, per=b, limit=limit,
                  note='float32 scan'),
   ]
-  screened = knn.prepare_bank(bank_rows, block_size=config.knn.block_size, screen=True)
+  # Timed on every bank, also below knn.SCREEN_MIN_ROWS where the library keeps the scan.
+  screened = knn.prepare_bank(bank_rows, block_size=config.knn.block_size, screen=True,
+                              screen_min_rows=0)
   if config.knn.screen and knn.uses_screen(screened):
     want = fn(queries, bank)[1]
     got = fn(queries, screened)[1]
@@ -309,7 +311,9 @@ def bench_knn(config, bank_rows, queries, *, label):
     records += [
         time_jit('knn_screened', size, fn, (queries, screened), repeats=t.repeats, per=b,
                  limit=limit, note=f'bfloat16 screen + float32 check; same index as the float32 '
-                 f'scan for {same:.2%} of queries; limit: the float32 dot'),
+                 f'scan for {same:.2%} of queries; limit: the float32 dot'
+                 + ('' if m >= knn.SCREEN_MIN_ROWS else
+                    f'; below {knn.SCREEN_MIN_ROWS} rows the library uses the scan')),
         time_eager('knn_screened', size, fn, (queries, screened), repeats=t.eager_repeats,
                    per=b, limit=limit),
     ]

@@ -83,7 +83,7 @@ def test_ties_across_blocks_keep_the_first_row():
 
 
 def _screened_bank(bank_features, block_size=32):
-  bank = knn.prepare_bank(bank_features, block_size=block_size, screen=True)
+  bank = knn.prepare_bank(bank_features, block_size=block_size, screen=True, screen_min_rows=0)
   assert knn.uses_screen(bank)
   return bank
 
@@ -152,9 +152,13 @@ def test_screened_search_blocks_queries_and_small_banks_use_the_scan():
   blocked = knn.screened_nearest_neighbour(flat, bank, max_block_floats=40 * 704)  # 40 per block
   np.testing.assert_array_equal(whole[1], blocked[1])
   np.testing.assert_array_equal(whole[0], blocked[0])
-  small = knn.prepare_bank(bank_features[:200], block_size=32, screen=True)  # 7 blocks
-  assert not knn.uses_screen(small)
+  small = knn.prepare_bank(bank_features[:200], block_size=32, screen=True, screen_min_rows=0)
+  assert not knn.uses_screen(small)  # 7 blocks
+  forced = knn.prepare_bank(bank_features[:200], block_size=32)._replace(
+      screen_t=bank.screen_t[:, :224], screen_err=bank.screen_err[:224],
+      screen_norm=bank.screen_norm[:224])  # A screening copy on 7 blocks, made by hand.
   with pytest.raises(ValueError, match='at least 9 bank blocks'):
-    knn.screened_nearest_neighbour(flat, small)
+    knn.screened_nearest_neighbour(flat, forced)
+  assert not knn.uses_screen(knn.prepare_bank(bank_features, block_size=32, screen=True))  # < 4096
   _, idx = knn.batch_nearest_neighbours(jnp.asarray(queries), small)
   np.testing.assert_array_equal(np.asarray(idx), _brute(queries, bank_features[:200], 1)[1])

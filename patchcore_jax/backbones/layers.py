@@ -6,9 +6,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): Y = A^T [(G g G^T) * (B^T d B)] A per 4x4 input tile d
-# and 2x2 output tile, 16 products where the direct form needs 36.
-_WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+# Winograd F(m x m, 3x3) (Lavin & Gray, 2016): Y = A^T [(G g G^T) * (B^T d B)] A per (m+2)^2 input
+# tile d and m x m output tile: (m+2)^2 products where the direct form needs 9 m^2.
+# {m: (B^T [m+2, m+2], G [m+2, 3], A^T [m, m+2])}
+_WINOGRAD = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]])),
+    4: (np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+        np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]])),
+}
 
 # Largest input grid (H * W) on which `Conv` takes the Winograd path. Measured on a 2-core AVX-512
 # CPU, batch 8, 224 px, direct vs Winograd up to 56x56 (ms/img, median of 8 interleaved calls):
@@ -17,58 +28,70 @@ _WINOGRAD_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.f
 # memory-bound), but inside a network they fuse with the neighbouring bias and ReLU; on VGG16's
 # 112x112 and 224x224 grids Winograd no longer pays (168 ms/img with it everywhere).
 WINOGRAD_MAX_PIXELS = 56 * 56
+WINOGRAD_TILE = 2  # m of F(m x m, 3x3) used by `Conv`.
 
 
-def winograd_kernel(kernel, *, precision=lax.Precision.HIGHEST):
-  """G g G^T: [3, 3, I, O] -> [16, I, O], the transformed kernel of `winograd_conv3x3`."""
-  u = jnp.einsum('ai,ijco,bj->abco', _WINOGRAD_G, kernel, _WINOGRAD_G, precision=precision)
-  return u.reshape(16, *kernel.shape[2:])
+def winograd_kernel(kernel, *, tile=2, precision=lax.Precision.HIGHEST):
+  """G g G^T: [3, 3, I, O] -> [(tile + 2)^2, I, O], the transformed kernel."""
+  g = _WINOGRAD[tile][1].astype(np.float32)
+  u = jnp.einsum('ai,ijco,bj->abco', g, kernel, g, precision=precision)
+  return u.reshape(-1, *kernel.shape[2:])
 
 
-def _bt(d0, d1, d2, d3):
-  """B^T of F(2, 3) applied across four operands."""
-  return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+def _combine(matrix, operands):
+  """[sum_i matrix[r, i] * operands[i] for every row r], skipping zeros and unit factors."""
+  out = []
+  for row in matrix:
+    acc = None
+    for coef, op in zip(row, operands):
+      if coef == 0:
+        continue
+      term = op if coef == 1 else -op if coef == -1 else np.float32(coef) * op
+      acc = term if acc is None else acc + term
+    out.append(acc)
+  return out
 
 
-def _at(m0, m1, m2, m3):
-  """A^T of F(2, 3) applied across four operands."""
-  return m0 + m1 + m2, m1 - m2 - m3
-
-
-def winograd_conv3x3(x, kernel, *, precision=lax.Precision.HIGHEST):
-  """A 3x3, stride-1, pad-1 convolution computed with Winograd F(2x2, 3x3).
+def winograd_conv3x3(x, kernel, *, tile=2, precision=lax.Precision.HIGHEST):
+  """A 3x3, stride-1, pad-1 convolution computed with Winograd F(tile x tile, 3x3).
 
   The same result as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` up to float
-  rounding (relative error ~1e-6), with 2.25x fewer multiplications: the input is cut into
-  overlapping 4x4 tiles (stride 2), each tile transformed by B^T d B, the 16 transformed planes
-  multiplied by the 16 planes of the transformed kernel (16 matmuls over the channels), and each
-  product brought back to a 2x2 output tile by A^T m A. Odd H or W are padded by one and cropped.
+  rounding (relative error ~1e-6 for tile 2, a few 1e-6 for tile 4), with 2.25x (tile 2) or 4x
+  (tile 4) fewer multiplications: the input is cut into overlapping (tile+2)^2 tiles (stride
+  tile), each tile transformed by B^T d B, the transformed planes multiplied by the planes of the
+  transformed kernel (one matmul over the channels each), and each product brought back to a
+  tile x tile output tile by A^T m A. Grids that tile does not divide are padded and cropped.
 
   Args:
     x: [B, H, W, I].
     kernel: [3, 3, I, O] (HWIO).
-    precision: of the 16 channel matmuls.
+    tile: output tile size m, 2 or 4.
+    precision: of the channel matmuls.
 
   Returns:
     [B, H, W, O].
   """
+  bt, _, at = _WINOGRAD[tile]
+  n = tile + 2
   b, h, w, c = x.shape
-  th, tw = -(-h // 2), -(-w // 2)
-  xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * th - h), (1, 1 + 2 * tw - w), (0, 0)))
-  xp = xp.reshape(b, th + 1, 2, tw + 1, 2, c)  # row 2t + i of the padded input is [t + i // 2, i % 2]
-  rows = _bt(*[xp[:, i // 2:i // 2 + th, i % 2] for i in range(4)])
+  th, tw = -(-h // tile), -(-w // tile)
+  hp, wp = (th + 1) * tile, (tw + 1) * tile
+  xp = jnp.pad(x, ((0, 0), (1, hp - 1 - h), (1, wp - 1 - w), (0, 0)))
+  # Row tile * t + i of the padded input is [t + i // tile, i % tile] after this reshape.
+  xp = xp.reshape(b, th + 1, tile, tw + 1, tile, c)
   v = []
-  for r in rows:
-    v.extend(_bt(*[r[:, :, j // 2:j // 2 + tw, j % 2] for j in range(4)]))  # 16 x [B, th, tw, I]
-  u = winograd_kernel(kernel, precision=precision)
-  # Sixteen separate dots, not one batched dot over a stacked [16, ...] array: stacking the
+  for r in _combine(bt, [xp[:, i // tile:i // tile + th, i % tile] for i in range(n)]):
+    v.extend(_combine(bt, [r[:, :, j // tile:j // tile + tw, j % tile] for j in range(n)]))
+  u = winograd_kernel(kernel, tile=tile, precision=precision)
+  # Separate dots, not one batched dot over a stacked [n * n, ...] array: stacking the
   # transformed planes is a slow concatenation on XLA's CPU backend.
   m = [jnp.dot(vi.reshape(-1, c), u[i], precision=precision).reshape(b, th, tw, -1)
        for i, vi in enumerate(v)]
-  rows = [_at(*m[4 * a:4 * a + 4]) for a in range(4)]
-  y = [_at(*[rows[a][q] for a in range(4)]) for q in range(2)]  # y[q][p]: output pixel (2t+p, 2s+q)
-  y = jnp.stack([jnp.stack(y[0]), jnp.stack(y[1])], axis=1)  # [p, q, B, th, tw, O]
-  y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(b, 2 * th, 2 * tw, -1)
+  rows = [_combine(at, m[n * a:n * a + n]) for a in range(n)]
+  # y[q][p]: output pixel (tile * t + p, tile * s + q).
+  y = [_combine(at, [rows[a][q] for a in range(n)]) for q in range(tile)]
+  y = jnp.stack([jnp.stack(yq) for yq in y], axis=1)  # [p, q, B, th, tw, O]
+  y = jnp.transpose(y, (2, 3, 0, 4, 1, 5)).reshape(b, tile * th, tile * tw, -1)
   return y[:, :h, :w]
 
 
@@ -116,7 +139,7 @@ class Conv(nn.Module):
           and self.feature_group_count == 1 and not isinstance(self.padding, str)
           and all(tuple(p) == (1, 1) for p in self.padding)
           and x.shape[1] * x.shape[2] <= WINOGRAD_MAX_PIXELS):
-      y = winograd_conv3x3(x, kernel, precision=self.precision)
+      y = winograd_conv3x3(x, kernel, tile=WINOGRAD_TILE, precision=self.precision)
     else:
       y = lax.conv_general_dilated(x, kernel, self.strides, self.padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
