@@ -8,8 +8,10 @@ image's patches and vmapped over images.
 For k = 1 a bank prepared with `screen=True` is searched by `screened_nearest_neighbour` instead:
 a bfloat16 product screens the bank, a rigorous bound on its rounding error turns every screened
 distance into a lower bound, and the few candidates whose bound could still win are measured
-exactly in float32. The answer is the exact nearest neighbour (not an approximation): every query
-whose winner cannot be certified from the screen is searched again in full float32.
+exactly in float32. The answer is the exact nearest neighbour to float32 rounding, as the plain
+scan's (not an approximate search): every query whose winner cannot be certified from the screen
+is searched again in full float32. Rows whose distances differ by less than float32 resolves may
+be returned in either order, by this search as by the scan.
 """
 import functools
 from typing import NamedTuple, Optional
