@@ -7,11 +7,12 @@ DIR/benchmark.md; see patchcore_jax/benchmark.py for what each row measures. Arg
 (any name in patchcore_jax.backbones.NAMES) and size=full|tiny (tiny: a seconds-long smoke run).
 
 Expected on a 2-core AMD EPYC (AVX-512), JAX 0.10.2 CPU, wide_resnet50_2 (README has the table),
-about 10 minutes: backbone 110-116 ms/img under jit (torchvision eager in the same process
-102-115 ms); kNN over the 10 % bottle coreset 136-141 ms/img, at or above the same-shape jnp.dot
-and on par with faiss IndexFlatL2 (141-148 ms); one greedy-coreset iteration over the bottle bank
-2.5-2.9 ms, 1.10-1.13x the time to read its projection once; peak RSS of the bottle-bank fit
-about 1.2 GiB. Optional rows: `pip install faiss-cpu==1.15.1`; torch 2.14.1 + torchvision 0.29.1.
+about 13 minutes: backbone 121 ms/img under jit (torchvision eager in the same process 125 ms);
+kNN over the 10 % bottle coreset 109 ms/img screened (knn_screened), 147 ms float32 scan, faiss
+IndexFlatL2 143 ms; 4x bank 10 %: 407 / 631 / 548 ms; one greedy-coreset iteration over the
+bottle bank 2.5-2.9 ms, at or below the time to read its projection once; peak RSS of the
+bottle-bank fit about 1.2 GiB. Optional rows: `pip install faiss-cpu==1.15.1`; torch 2.14.1 +
+torchvision 0.29.1.
 """
 import ml_collections
 
