@@ -110,6 +110,13 @@ def test_every_stage_compiles_once_per_shape():
   for _ in range(3):
     knn.batch_nearest_neighbours(jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32), bank)
   assert knn.batch_nearest_neighbours._cache_size() - before == 1
+  screened = knn.prepare_bank(rng.normal(size=(600, 32)).astype(np.float32), block_size=32,
+                              screen=True, screen_min_rows=0)
+  assert knn.uses_screen(screened)
+  before = knn.batch_nearest_neighbours._cache_size()
+  for _ in range(3):
+    knn.batch_nearest_neighbours(jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32), screened)
+  assert knn.batch_nearest_neighbours._cache_size() - before == 1
   predict = patchcore.predict_fn(backbone, image_size=32, pretrain_dim=64, target_dim=32)
   for _ in range(3):
     predict(backbone.variables, bank, jnp.asarray(rng.random((2, 32, 32, 3), dtype=np.float32)))
