@@ -247,16 +247,16 @@ def screened_nearest_neighbour(queries, bank, *, candidates=SCREEN_CANDIDATES,
 
 
 def uses_screen(bank):
-  """Whether a k=1 search of `bank` takes the screened path."""
-  return (bank.screen_t is not None and
-          bank.screen_t.shape[1] // bank.blocks.shape[1] > SCREEN_CANDIDATES)
+  """Whether a k=1 search of `bank` takes the screened path: `prepare_bank` adds the screening
+  copy only to banks large enough for it."""
+  return bank.screen_t is not None
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'precision'))
 def batch_nearest_neighbours(queries, bank, *, k=1, precision='highest'):
   """queries: [B, P, D] -> (distances [B, P, k], indices [B, P, k]).
 
-  With k = 1 and a screened bank of more than SCREEN_CANDIDATES blocks: the exact
+  With k = 1 and a screened bank (`prepare_bank(screen=True)`): the exact
   `screened_nearest_neighbour` over all B * P queries at once (`precision` does not apply);
   otherwise `nearest_neighbours` vmapped over images.
   """

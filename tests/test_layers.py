@@ -52,7 +52,7 @@ def test_winograd_conv3x3_matches_lax_conv(shape, tile):
   np.testing.assert_allclose(got, want, rtol=0, atol=(2e-6 if tile == 2 else 1e-5) * scale)
 
 
-def _conv_primitives(module, x):
+def _jaxpr_text(module, x):
   """The jaxpr's text (nested jaxprs included), to look for primitive names in."""
   params = module.init(jax.random.key(0), x)
   return str(jax.make_jaxpr(module.apply)(params, x))
@@ -65,9 +65,9 @@ def test_conv_takes_winograd_path_only_where_it_should():
   side = int(np.sqrt(layers.WINOGRAD_MAX_PIXELS)) + 1
   large = jnp.zeros((1, side, side, 4))
   pad = ((1, 1), (1, 1))
-  assert conv not in _conv_primitives(layers.Conv(4, (3, 3), padding=pad), small)
-  assert conv in _conv_primitives(layers.Conv(4, (3, 3), padding=pad, winograd=False), small)
-  assert conv in _conv_primitives(layers.Conv(4, (3, 3), padding=pad), large)
-  assert conv in _conv_primitives(layers.Conv(4, (3, 3), strides=(2, 2), padding=pad), small)
-  assert conv in _conv_primitives(layers.Conv(4, (3, 3), padding='SAME'), small)
-  assert conv in _conv_primitives(layers.Conv(4, (3, 3), padding=pad, feature_group_count=2), small)
+  assert conv not in _jaxpr_text(layers.Conv(4, (3, 3), padding=pad), small)
+  assert conv in _jaxpr_text(layers.Conv(4, (3, 3), padding=pad, winograd=False), small)
+  assert conv in _jaxpr_text(layers.Conv(4, (3, 3), padding=pad), large)
+  assert conv in _jaxpr_text(layers.Conv(4, (3, 3), strides=(2, 2), padding=pad), small)
+  assert conv in _jaxpr_text(layers.Conv(4, (3, 3), padding='SAME'), small)
+  assert conv in _jaxpr_text(layers.Conv(4, (3, 3), padding=pad, feature_group_count=2), small)
