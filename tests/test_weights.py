@@ -115,9 +115,7 @@ def test_fetch_verifies_the_hash_prefix_and_is_found_by_load(tmp_path):
   from patchcore_jax import backbones  # pylint: disable=g-import-not-at-top
   from patchcore_jax.backbones import fetch  # pylint: disable=g-import-not-at-top
   import hashlib  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'fixtures'))
-  from seeded_weights import seeded_state_dict  # pylint: disable=g-import-not-at-top
+  from tests.fixtures.seeded_weights import seeded_state_dict  # pylint: disable=g-import-not-at-top
   fixture = np.load(os.path.join(os.path.dirname(__file__), 'fixtures', 'resnet18.npz'))
   shapes = [tuple(int(x) for x in s.split(',') if x) for s in fixture['shapes']]
   state = seeded_state_dict(list(zip(fixture['names'], shapes)))
@@ -144,3 +142,71 @@ def test_fetch_verifies_the_hash_prefix_and_is_found_by_load(tmp_path):
     backbones.TORCHVISION_URLS['resnet18'] = original
   np.testing.assert_array_equal(np.asarray(bb.variables['params']['conv1']['kernel']),
                                 state['conv1.weight'].transpose(2, 3, 1, 0))
+
+
+class _Touch:
+  """A pickle payload whose side effect is a file: it must never appear."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+def _legacy_records(tmp_path):
+  """The five pickles and the storage bytes of a legacy-format file of one float tensor."""
+  path = str(tmp_path / 'plain.pth')
+  torch.save({'w': torch.arange(3, dtype=torch.float32)}, path,
+             _use_new_zipfile_serialization=False)
+  with open(path, 'rb') as f:
+    records = [pickle.load(f) for _ in range(3)]
+    start = f.tell()
+    torch_pickle._RestrictedUnpicklerLegacy(f, lambda key, dtype, numel: key).load()  # pylint: disable=protected-access
+    object_bytes = open(path, 'rb').read()[start:f.tell()]
+    keys = pickle.load(f)
+    storages = f.read()
+  return records, object_bytes, keys, storages
+
+
+@pytest.mark.parametrize('position', ['magic', 'protocol', 'sys_info', 'object', 'storage_keys'])
+def test_legacy_format_refuses_code_in_every_pickle(tmp_path, position):
+  (magic, protocol, sys_info), object_bytes, keys, storages = _legacy_records(tmp_path)
+  marker = tmp_path / 'pwned'
+  evil = pickle.dumps(_Touch(marker), protocol=2)
+  parts = {'magic': pickle.dumps(magic, protocol=2), 'protocol': pickle.dumps(protocol, protocol=2),
+           'sys_info': pickle.dumps(sys_info, protocol=2), 'object': object_bytes,
+           'storage_keys': pickle.dumps(keys, protocol=2)}
+  parts[position] = evil
+  path = tmp_path / 'evil.pth'
+  path.write_bytes(b''.join(parts.values()) + storages)
+  with pytest.raises(torch_pickle.CheckpointError, match=f'{path}.*refusing to load global'):
+    torch_pickle.load_state_dict(str(path))
+  assert not marker.exists()
+
+
+def test_zip_format_refuses_code_in_data_pkl(tmp_path):
+  import zipfile  # pylint: disable=g-import-not-at-top
+  marker = tmp_path / 'pwned'
+  path = tmp_path / 'evil_zip.pth'
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr('archive/data.pkl', pickle.dumps({'w': _Touch(marker)}, protocol=2))
+  with pytest.raises(torch_pickle.CheckpointError, match=f'{path}.*refusing to load global'):
+    torch_pickle.load_state_dict(str(path))
+  assert not marker.exists()
+
+
+def test_unreadable_checkpoints_name_the_file(tmp_path):
+  for name, content in (('garbage.pth', b'\x00\x01 not a checkpoint'), ('empty.pth', b'')):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(torch_pickle.CheckpointError, match=f'cannot read checkpoint {path}'):
+      torch_pickle.load_state_dict(str(path))
+  path = str(tmp_path / 'ok.pth')
+  torch.save({'w': torch.zeros(4)}, path, _use_new_zipfile_serialization=False)
+  with open(path, 'rb') as f:
+    data = f.read()
+  with open(path, 'wb') as f:
+    f.write(data[:len(data) - 6])  # Truncated inside the storage.
+  with pytest.raises(torch_pickle.CheckpointError, match=str(tmp_path)):
+    torch_pickle.load_state_dict(path)

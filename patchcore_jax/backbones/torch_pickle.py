@@ -4,9 +4,11 @@ Both formats `torch.save` has written are supported:
   * the zip format (torch >= 1.6): `archive/data.pkl` plus one raw file per storage;
   * the legacy format: magic number, protocol, sys-info and object pickles, then the storages.
 
-Unpickling is restricted: only ordered dicts, tensor-rebuild functions and typed storages are
-accepted, so a checkpoint cannot run code. Anything else raises `pickle.UnpicklingError` naming the
-refused global.
+Unpickling is restricted everywhere a file is read: the object pickle accepts only ordered dicts,
+tensor-rebuild functions and typed storages; the legacy format's magic-number, protocol, sys-info
+and storage-keys pickles accept no global at all (they hold ints, strings, dicts and lists). So a
+checkpoint cannot run code. Anything else, and any unreadable file, raises `CheckpointError` (a
+`pickle.UnpicklingError` and an `errors.UserError`) naming the file.
 """
 import collections
 import io
@@ -15,6 +17,8 @@ import struct
 import zipfile
 
 import numpy as np
+
+from patchcore_jax import errors
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -63,6 +67,25 @@ _ALLOWED = {
 }
 
 
+class CheckpointError(errors.UserError, pickle.UnpicklingError):
+  """A checkpoint file that cannot be read, or that holds more than tensors; names the file."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+  """Unpickler for records of plain values: no global (so no callable) and no persistent id."""
+
+  def find_class(self, module, name):
+    raise pickle.UnpicklingError(
+        f'refusing to load global {module}.{name}: this record may only hold plain values')
+
+  def persistent_load(self, pid):
+    raise pickle.UnpicklingError(f'unexpected persistent id {pid!r}')
+
+
+def _plain_load(stream):
+  return _PlainUnpickler(stream).load()
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
   """Unpickler that resolves only tensors, storages and ordered dicts."""
 
@@ -93,7 +116,7 @@ def _load_zip(path):
     names = archive.namelist()
     pkl_names = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if len(pkl_names) != 1:
-      raise ValueError(f'{path}: expected one data.pkl in the archive, found {pkl_names}')
+      raise ValueError(f'expected one data.pkl in the archive, found {pkl_names}')
     prefix = pkl_names[0][:-len('data.pkl')]
 
     def load_storage(key, dtype, numel):
@@ -107,11 +130,11 @@ def _load_zip(path):
 def _load_legacy(path):
   with open(path, 'rb') as f:
     stream = f
-    magic = pickle.load(stream)
+    magic = _plain_load(stream)
     if magic != _LEGACY_MAGIC:
-      raise ValueError(f'{path}: not a PyTorch checkpoint (bad magic number)')
-    pickle.load(stream)  # Protocol version.
-    pickle.load(stream)  # System info (endianness, type sizes).
+      raise ValueError('not a PyTorch checkpoint (bad magic number)')
+    _plain_load(stream)  # Protocol version.
+    _plain_load(stream)  # System info (endianness, type sizes).
     storages = {}
 
     def load_storage(key, dtype, numel):
@@ -120,7 +143,9 @@ def _load_legacy(path):
       return key  # Placeholder; replaced once the raw storages are read.
 
     placeholders = _RestrictedUnpicklerLegacy(stream, load_storage).load()
-    keys = pickle.load(stream)
+    keys = _plain_load(stream)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+      raise ValueError('the storage-keys record is not a list of strings')
     data = {}
     for key in keys:
       dtype, _ = storages[key]
@@ -147,20 +172,25 @@ def load_state_dict(path):
     path: a file written by `torch.save(model.state_dict(), path)`, zip or legacy format. A dict
       holding the state dict under 'state_dict' or 'model' is accepted too.
   Raises:
-    pickle.UnpicklingError: the file holds anything but tensors and (ordered) dicts.
+    CheckpointError naming `path`: the file cannot be read, or holds anything but tensors and
+    (ordered) dicts.
   """
-  if zipfile.is_zipfile(path):
-    obj = _load_zip(path)
-  else:
-    obj = _load_legacy(path)
+  try:
+    if zipfile.is_zipfile(path):
+      obj = _load_zip(path)
+    else:
+      obj = _load_legacy(path)
+  except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError,
+          AttributeError, struct.error, zipfile.BadZipFile, OSError) as error:
+    raise CheckpointError(f'cannot read checkpoint {path}: {error}') from error
   if not isinstance(obj, dict):
-    raise pickle.UnpicklingError(f'{path} holds a {type(obj).__name__}, not a state dict')
+    raise CheckpointError(f'{path} holds a {type(obj).__name__}, not a state dict')
   for key in ('state_dict', 'model'):
     if key in obj and isinstance(obj[key], dict):
       obj = obj[key]
   out = {}
   for name, value in obj.items():
     if not isinstance(value, np.ndarray):
-      raise pickle.UnpicklingError(f'{path}: entry {name!r} is a {type(value).__name__}, not a tensor')
+      raise CheckpointError(f'{path}: entry {name!r} is a {type(value).__name__}, not a tensor')
     out[name] = value
   return out
