@@ -16,8 +16,9 @@ import dataclasses
 import glob
 import importlib.util
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+from flax import struct
 import flax.linen as nn
 import jax
 from jax import lax
@@ -74,14 +75,28 @@ PACKAGE_WEIGHTS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Backbone:
-  """A model with its variables. `apply(images)` -> {stage: [B, h, w, C]}."""
-  name: str
-  model: nn.Module
+  """A model with its variables. `apply(images)` -> {stage: [B, h, w, C]}.
+
+  A pytree whose only leaves are the variables, so it can be passed to jitted functions.
+  `weights_sha256` identifies the weights as loaded (before `official_bn_probe` and
+  `fold_batchnorm`, which are recorded as settings instead); see `weights.variables_sha256`.
+  """
+  name: str = struct.field(pytree_node=False)
+  model: nn.Module = struct.field(pytree_node=False)
   variables: Dict[str, Any]
-  stages: Tuple[str, ...]
-  strides: Dict[str, int]
+  stages: Tuple[str, ...] = struct.field(pytree_node=False)
+  strides: Dict[str, int] = struct.field(pytree_node=False)
+  weights_sha256: str = struct.field(pytree_node=False, default='')
+  checkpoint: str = struct.field(pytree_node=False, default='')  # The weights file ('' if none).
+  random_seed: Optional[int] = struct.field(pytree_node=False, default=None)
+  bn_probe_passes: int = struct.field(pytree_node=False, default=0)  # See `official_bn_probe`.
+
+  @property
+  def folded(self):
+    """Whether `fold_batchnorm` has been applied."""
+    return bool(getattr(self.model, 'fold_bn', False))
 
   def apply(self, images):
     """images: [B, H, W, 3] float32, ImageNet-normalised -> {stage: [B, h, w, C]}."""
@@ -183,7 +198,8 @@ def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed
   probe = (1, 64, 64, 3)
   if random_seed is not None:
     variables = jax.jit(model.init)(jax.random.key(random_seed), jnp.zeros(probe))
-    return Backbone(name, model, variables, stages, strides)
+    return Backbone(name, model, variables, stages, strides,
+                    weights_lib.variables_sha256(variables), random_seed=random_seed)
   flat = _flat_weights(name, checkpoint, cache_dir)
   full_model, _ = build_model(name, _full_stages(name, flat))
   source = checkpoint or name
@@ -192,8 +208,9 @@ def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed
   # The truncated model uses a subset of the parameters: keep only those.
   expected = weights_lib.expected_shapes(model, probe)
   variables = weights_lib.strict_merge(expected, {k: flat[k] for k in expected}, source=source)
+  digest = weights_lib.variables_sha256(variables)
   variables = jax.tree_util.tree_map(jnp.asarray, variables)
-  return Backbone(name, model, variables, stages, strides)
+  return Backbone(name, model, variables, stages, strides, digest, checkpoint=checkpoint)
 
 
 def _foldable(name):
@@ -261,4 +278,5 @@ def official_bn_probe(backbone, *, image_size, passes=1):
   variables = dict(backbone.variables)
   for _ in range(passes):
     variables = {**variables, **step(variables)}
-  return dataclasses.replace(backbone, variables=variables)
+  return dataclasses.replace(backbone, variables=variables,
+                             bn_probe_passes=backbone.bn_probe_passes + passes)

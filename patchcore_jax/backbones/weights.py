@@ -101,6 +101,17 @@ def torch_to_flax(state_dict, rename):
   return out
 
 
+def variables_sha256(variables):
+  """sha256 hex digest of a variables tree: every leaf's path, dtype, shape and bytes, in path
+  order. Identifies weights independently of the file they came from."""
+  digest = hashlib.sha256()
+  for path, value in sorted(flatten(variables).items()):
+    value = np.ascontiguousarray(np.asarray(value))
+    digest.update(f'{path}:{value.dtype.str}:{value.shape};'.encode())
+    digest.update(value.reshape(-1).view(np.uint8).data)
+  return digest.hexdigest()
+
+
 def file_sha256(path, chunk=1 << 20):
   digest = hashlib.sha256()
   with open(path, 'rb') as f:
