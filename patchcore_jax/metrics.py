@@ -92,3 +92,37 @@ def au_pro(masks, maps, *, fpr_limit=0.3):
     return None
   fprs, pros = pro_curve(masks, maps)
   return trapezoid(fprs, pros, x_max=fpr_limit) / fpr_limit
+
+
+def f1_optimal_threshold(labels, scores):
+  """The threshold maximising F1 for the decision `score > threshold`.
+
+  Args:
+    labels: [...] bool/0-1 ground truth (images or pixels).
+    scores: [...] scores of the same shape.
+  Returns:
+    (threshold, f1): the threshold lies halfway between the lowest score still called anomalous
+    and the next lower distinct score (below every score if all are called anomalous), so new
+    scores equal to either side are decided as on this data. None, None with one class only.
+  """
+  labels = np.asarray(labels).ravel().astype(bool)
+  scores = np.asarray(scores).ravel()
+  positives = int(labels.sum())
+  if positives == 0 or positives == labels.size:
+    return None, None
+  order = np.argsort(-scores, kind='stable')
+  ranked = scores[order]
+  hits = labels[order]
+  del order
+  tp = np.cumsum(hits, dtype=np.int64)
+  fp = np.arange(1, hits.size + 1, dtype=np.int64) - tp
+  last = np.append(ranked[1:] != ranked[:-1], True)  # The last of each run of equal scores.
+  tp, fp, ranked = tp[last], fp[last], ranked[last]
+  f1 = 2.0 * tp / (tp + fp + positives)
+  best = int(np.argmax(f1))
+  low = float(ranked[best])
+  if best + 1 < ranked.size:
+    threshold = 0.5 * (low + float(ranked[best + 1]))
+  else:
+    threshold = float(np.nextafter(np.float32(low), np.float32(-np.inf)))
+  return threshold, float(f1[best])

@@ -101,3 +101,21 @@ def test_no_regions():
 def test_trapezoid_interpolates_at_limit():
   assert metrics.trapezoid([0, 1], [0, 1], x_max=0.5) == pytest.approx(0.125)
   assert metrics.trapezoid([0, 0.5, 1], [1, 1, 1], x_max=0.5) == pytest.approx(0.5)
+
+
+def test_f1_optimal_threshold_against_sklearn_on_every_cut():
+  rng = np.random.default_rng(1)
+  labels = rng.random(400) < 0.3
+  scores = np.round(rng.normal(size=400) + 1.2 * labels, 1)  # Many ties.
+  threshold, f1 = metrics.f1_optimal_threshold(labels, scores)
+  cuts = np.unique(scores)
+  best = max(sk.f1_score(labels, scores >= c) for c in cuts)
+  assert f1 == pytest.approx(best) and sk.f1_score(labels, scores > threshold) == pytest.approx(f1)
+  # Halfway between two distinct scores, so equal scores decide as on this data.
+  assert not np.any(scores == threshold)
+  below, above = scores[scores < threshold].max(), scores[scores > threshold].min()
+  assert threshold == pytest.approx(0.5 * (below + above))
+  # Every image called anomalous: the threshold sits just below the lowest score.
+  threshold, f1 = metrics.f1_optimal_threshold([1, 1, 0], [0.5, 0.7, 0.6])
+  assert f1 == pytest.approx(0.8) and threshold < 0.5
+  assert metrics.f1_optimal_threshold([0, 0], [0.1, 0.2]) == (None, None)

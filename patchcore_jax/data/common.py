@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from patchcore_jax import errors
 from patchcore_jax.data import transforms
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
@@ -39,34 +40,67 @@ def list_images(directory):
                 if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def map_in_batches(fn, items, *, batch_size, num_workers=2):
+  """Yields, per batch of `batch_size` items in order, a list of (item, fn(item) or None, error or
+  None). `fn` runs in `num_workers` threads, at most two batches ahead of the consumer, so memory
+  stays bounded however many items there are. An item whose `fn` raises gets its exception
+  instead of a value; the caller decides whether that stops the run."""
+
+  def safe(item):
+    try:
+      return item, fn(item), None
+    except Exception as error:  # pylint: disable=broad-except
+      return item, None, error
+
+  batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    pending = [pool.map(safe, b) for b in batches[:2]]
+    for i, _ in enumerate(batches):
+      loaded = list(pending[i])
+      pending[i] = None
+      if i + 2 < len(batches):
+        pending.append(pool.map(safe, batches[i + 2]))
+      yield loaded
+
+
+def pad_batch(arrays, batch_size):
+  """Stacks a list of equal-shape arrays and zero-pads it to `batch_size` rows."""
+  stacked = np.stack(arrays)
+  if len(arrays) < batch_size:
+    stacked = np.concatenate([stacked, np.zeros((batch_size - len(arrays),) + stacked.shape[1:],
+                                                stacked.dtype)])
+  return stacked
+
+
 def iterate_batches(samples, *, batch_size, image_config, with_masks=False, num_workers=2):
   """Yields (images [batch_size, S, S, 3] float32 in [0, 1], masks [batch_size, S, S] bool or None,
   count) with the last batch zero-padded to `batch_size` (so jitted consumers compile once);
-  `count` is the number of real samples in the batch. Loading overlaps with the consumer."""
+  `count` is the number of real samples in the batch. Loading overlaps with the consumer.
+  Samples are `Sample` records or plain paths; a file that cannot be read raises an error naming
+  it."""
 
   def load(sample):
-    image = transforms.load_image(sample.path, **image_config)
+    path = getattr(sample, 'path', sample)
+    image = transforms.load_image(path, **image_config)
     mask = None
     if with_masks:
       if sample.mask_path:
-        mask = transforms.load_mask(sample.mask_path, **image_config)
+        try:
+          mask = transforms.load_mask(sample.mask_path, **image_config)
+        except Exception as error:  # pylint: disable=broad-except
+          raise errors.UserError(f'cannot read mask {sample.mask_path}: {error}') from error
       else:
         mask = np.zeros(image.shape[:2], bool)
     return image, mask
 
-  batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    pending = [pool.map(load, b) for b in batches[:2]]
-    for i, _ in enumerate(batches):
-      loaded = list(pending[i])
-      if i + 2 < len(batches):
-        pending.append(pool.map(load, batches[i + 2]))
-      count = len(loaded)
-      images = np.stack([im for im, _ in loaded])
-      masks = np.stack([m for _, m in loaded]) if with_masks else None
-      if count < batch_size:
-        images = np.concatenate([images, np.zeros((batch_size - count,) + images.shape[1:],
-                                                  images.dtype)])
-        if masks is not None:
-          masks = np.concatenate([masks, np.zeros((batch_size - count,) + masks.shape[1:], bool)])
-      yield images, masks, count
+  for loaded in map_in_batches(load, samples, batch_size=batch_size, num_workers=num_workers):
+    for sample, _, error in loaded:
+      if isinstance(error, errors.UserError):
+        raise error
+      if error is not None:
+        path = getattr(sample, 'path', sample)
+        raise errors.UserError(f'cannot read image {path}: {error}') from error
+    count = len(loaded)
+    images = pad_batch([value[0] for _, value, _ in loaded], batch_size)
+    masks = pad_batch([value[1] for _, value, _ in loaded], batch_size) if with_masks else None
+    yield images, masks, count
