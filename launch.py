@@ -1,11 +1,15 @@
-r"""Runs PatchCore (or, for configs with job='benchmark', the benchmark) as a config says.
+r"""Runs a job as a config says: PatchCore experiments, predictions with a saved model, benchmarks.
 
   python launch.py --config=configs/demo.py --workdir=workdirs/demo
   python launch.py --config=configs/mvtec.py:category=bottle,backbone=vgg16 \
       --config.data.root=/path/to/mvtec_ad --workdir=workdirs/bottle
+  python launch.py --config=configs/predict.py --config.model=workdirs/bottle/models/bottle \
+      --config.images=/path/to/images --workdir=workdirs/predictions
   python launch.py --config=configs/benchmark.py:backbone=wide_resnet50_2 --workdir=workdirs/bench
+
+A user error (bad path, unreadable or edited file, bad config value) ends with its message and
+exit status 2; the predict job exits 1 when some images could not be read.
 """
-import os
 import sys
 
 from absl import app
@@ -14,11 +18,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from patchcore_jax import benchmark  # pylint: disable=g-import-not-at-top
-from patchcore_jax import experiment  # pylint: disable=g-import-not-at-top
+from patchcore_jax import benchmark
+from patchcore_jax import errors
+from patchcore_jax import experiment
+from patchcore_jax import predict_job
 
-_JOBS = {'patchcore': experiment.run, 'benchmark': benchmark.run}
+_JOBS = {'patchcore': experiment.run, 'benchmark': benchmark.run, 'predict': predict_job.run}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
@@ -30,12 +35,16 @@ def main(argv):
   del argv
   config = _CONFIG.value
   job = config.get('job', 'patchcore')
-  if job == 'patchcore' and config.data.name == 'synthetic' and not config.data.root:
-    with config.unlocked():
-      config.data.root = os.path.join(_WORKDIR.value, 'data')
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   logging.info('config:\n%s', config)
-  _JOBS[job](config, _WORKDIR.value)
+  try:
+    result = _JOBS[job](config, _WORKDIR.value)
+  except errors.UserError as error:
+    logging.error('%s', error)
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+  if job == 'predict':
+    sys.exit(predict_job.exit_status(result))
 
 
 if __name__ == '__main__':

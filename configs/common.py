@@ -70,6 +70,15 @@ def get_base_config(backbone='efficientnet_lite2'):
   config.scoring.reweight_neighbours = 9  # b in Eq. 7.
   config.scoring.sigma = 4.0  # Gaussian smoothing of the anomaly maps.
 
+  config.calibration = ml_collections.ConfigDict()
+  # Fraction of the good training images held out of the memory bank to set the decision
+  # threshold on (0 keeps the paper's setting: every training image in the bank; the threshold
+  # then comes from the labelled test data's F1 optimum).
+  config.calibration.holdout = 0.0
+  config.calibration.target_fpr = 0.01  # False-positive rate on the held-out images.
+
   config.output = ml_collections.ConfigDict()
-  config.output.num_overlays = 8  # Anomaly-map overlay PNGs per category.
+  config.output.num_overlays = 8  # Labelled anomaly-map overlay PNGs per category.
+  config.output.save_model = True  # Save each category's fitted model under models/<category>.
+  config.output.progress = False  # Progress bars (tqdm) beside the logs.
   return config

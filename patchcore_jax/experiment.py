@@ -1,37 +1,51 @@
 """run(config, workdir): PatchCore on every category of a dataset, from images to metrics.
 
+Each category is `patchcore.fit` on its training images and `patchcore.predict_batches` on its
+test images, then evaluated; the fitted model, calibrated with the F1-optimal thresholds of the
+labelled test data (and the held-out good images when `calibration.holdout` > 0), is saved.
+
 Writes into `workdir`:
   config.json                  the full config
   results.json                 {category: {image_auroc, pixel_auroc, au_pro, memory_bank_size,
-                                fit_seconds, inference_seconds_per_image, ...}}
+                                fit_seconds, inference_seconds_per_image, thresholds, ...}}
   results.md                   the same as a table
   scores/<category>.csv        path,label,score per test image
-  maps/<category>/*.png        overlays for some test images: input | anomaly map | blend
+  maps/<category>/*.png        labelled overlays for some test images: input | map | blend
+  models/<category>/           the fitted model (`saving.load`), with output.save_model
 """
 import csv
+import dataclasses
 import json
 import os
 import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from patchcore_jax import backbones
 from patchcore_jax import data as data_lib
-from patchcore_jax import features as features_lib
 from patchcore_jax import metrics
 from patchcore_jax import patchcore
+from patchcore_jax import saving
 from patchcore_jax import visualize
 
 
-def _image_config(data_config):
-  return dict(resize=data_config.resize, image_size=data_config.image_size,
-              transform=data_config.transform)
+def settings_from_config(config):
+  """The `patchcore.Settings` a config describes."""
+  dc, fc, cc, kc, sc = config.data, config.features, config.coreset, config.knn, config.scoring
+  return patchcore.Settings(
+      transform=dc.transform, resize=dc.resize, image_size=dc.image_size,
+      patch_size=fc.patch_size, stride=fc.patch_stride, pretrain_dim=fc.pretrain_dim,
+      target_dim=fc.target_dim, percentage=cc.percentage, projection_dim=cc.projection_dim,
+      num_starts=cc.num_starts, seed=config.seed, k=kc.k, block_size=kc.block_size,
+      precision=kc.precision, screen=kc.screen, distance=sc.distance, sigma=sc.sigma,
+      reweight=sc.reweight, reweight_neighbours=sc.reweight_neighbours,
+      batch_size=dc.batch_size).validate()
 
 
-def _load_backbone(config):
+def load_backbone(config):
+  """The backbone a config describes, probed and folded as it says."""
   bb = config.backbone
   stages = tuple(bb.stages) or None
   seed = bb.random_seed if bb.random_seed >= 0 else None
@@ -51,117 +65,138 @@ def _overlay_indices(split, count):
   return sorted(set(pick(bad, min(len(bad), count - n_good)) + pick(good, n_good)))
 
 
+def calibrate_on_test(model, labels, image_scores, masks=None, maps=None):
+  """Adds the F1-optimal image (and pixel) thresholds of labelled test data to the calibration.
+
+  The decision threshold stays the held-out one when the fit had a holdout; otherwise it becomes
+  the F1-optimal one (source 'test_f1'). The pixel threshold becomes the F1-optimal pixel one.
+  Returns:
+    (model, record of the test thresholds for results.json).
+  """
+  threshold, f1 = metrics.f1_optimal_threshold(labels, image_scores)
+  test = {}
+  if threshold is not None:
+    test.update(f1_image_threshold=threshold, image_f1=f1,
+                misclassified=int(np.sum((np.asarray(image_scores) > threshold) != labels)))
+  if masks is not None:
+    pixel_threshold, pixel_f1 = metrics.f1_optimal_threshold(masks, maps)
+    if pixel_threshold is not None:
+      test.update(f1_pixel_threshold=pixel_threshold, pixel_f1=pixel_f1)
+  cal = model.calibration
+  changes = dict(test=tuple(sorted(test.items())))
+  if cal.image_threshold is None and 'f1_image_threshold' in test:
+    changes.update(image_threshold=test['f1_image_threshold'], image_threshold_source='test_f1',
+                   pixel_threshold=test['f1_image_threshold'], pixel_threshold_source='test_f1')
+  if 'f1_pixel_threshold' in test:
+    changes.update(pixel_threshold=test['f1_pixel_threshold'], pixel_threshold_source='test_f1')
+  return model.replace(calibration=dataclasses.replace(cal, **changes)), test
+
+
 def run_category(config, backbone, split, workdir, key):
   """Fits PatchCore on `split.train`, evaluates on `split.test`; returns the results record."""
   dc = config.data
-  image_config = _image_config(dc)
-  fc = config.features
-  embed_kwargs = dict(patch_size=fc.patch_size, stride=fc.patch_stride,
-                      pretrain_dim=fc.pretrain_dim, target_dim=fc.target_dim)
+  settings = settings_from_config(config)
   train = split.train[:dc.max_train_images] if dc.max_train_images > 0 else split.train
   logging.info('[%s] %d training, %d test images (%d anomalous)', split.name, len(train),
                len(split.test), sum(s.label for s in split.test))
 
-  # Compile the embedding once, separately from the timed fit.
-  batch_spec = jax.ShapeDtypeStruct((dc.batch_size, dc.image_size, dc.image_size, 3), jnp.float32)
-  embed_jit = jax.jit(lambda v, x: features_lib.embed(backbone.model.apply, v, x,
-                                                      stages=backbone.stages, **embed_kwargs))
-  t0 = time.perf_counter()
-  embed_compiled = embed_jit.lower(backbone.variables, batch_spec).compile()
-  compile_seconds = time.perf_counter() - t0
+  compile_before = patchcore.compile_seconds_total[0]
+  patchcore.precompile(backbone, settings)  # Once per process for this backbone and shape.
+  model = patchcore.fit(backbone, [s.path for s in train], key=key,
+                        holdout=config.calibration.holdout,
+                        target_fpr=config.calibration.target_fpr, num_workers=dc.num_workers,
+                        progress=config.output.progress, **dataclasses.asdict(settings))
+  info = dict(model.info)
+  patchcore.precompile(backbone, settings, model.bank)
 
-  # Fit: memory bank, then coreset.
-  t0 = time.perf_counter()
-  batches = data_lib.iterate_batches(train, batch_size=dc.batch_size, image_config=image_config,
-                                     num_workers=dc.num_workers)
-  bank_features = patchcore.build_memory_bank(
-      lambda x: embed_compiled(backbone.variables, x), batches, num_images=len(train))
-  extract_seconds = time.perf_counter() - t0
-  t1 = time.perf_counter()
-  cc = config.coreset
-  bank, _ = patchcore.subsample(
-      bank_features, percentage=cc.percentage, key=key, projection_dim=cc.projection_dim,
-      num_starts=cc.num_starts, block_size=config.knn.block_size, precision=config.knn.precision,
-      screen=config.knn.screen)
-  jax.block_until_ready(bank)
-  coreset_seconds = time.perf_counter() - t1
-  fit_seconds = time.perf_counter() - t0
-  bank_size = bank.size
-  logging.info('[%s] memory bank %d -> %d patches (%.1f %%); features %.1f s, coreset %.1f s',
-               split.name, bank_features.shape[0], bank_size, 100 * cc.percentage,
-               extract_seconds, coreset_seconds)
-  del bank_features
-
-  # Predict.
-  sc = config.scoring
-  predict = patchcore.predict_fn(
-      backbone, image_size=dc.image_size, k=config.knn.k, distance=sc.distance,
-      sigma=sc.sigma, reweight=sc.reweight, reweight_neighbours=sc.reweight_neighbours,
-      precision=config.knn.precision, **embed_kwargs)
-  t0 = time.perf_counter()
-  predict_compiled = predict.lower(backbone.variables, bank, batch_spec).compile()
-  compile_seconds += time.perf_counter() - t0
   n_test = len(split.test)
   image_scores = np.empty((n_test,), np.float32)
   maps = np.empty((n_test, dc.image_size, dc.image_size), np.float32)
   masks = np.empty((n_test, dc.image_size, dc.image_size), bool)
   done = 0
+
+  def batches():
+    for images, batch_masks, count in data_lib.iterate_batches(
+        split.test, batch_size=dc.batch_size, image_config=settings.image_config,
+        with_masks=True, num_workers=dc.num_workers):
+      masks[done:done + count] = batch_masks[:count]
+      yield images, count
+
   inference_seconds = 0.0
-  for images, batch_masks, count in data_lib.iterate_batches(
-      split.test, batch_size=dc.batch_size, image_config=image_config, with_masks=True,
-      num_workers=dc.num_workers):
-    t0 = time.perf_counter()
-    scores, batch_maps, _ = predict_compiled(backbone.variables, bank, jnp.asarray(images))
-    scores, batch_maps = np.asarray(scores), np.asarray(batch_maps)  # Waits for the result.
-    inference_seconds += time.perf_counter() - t0
-    image_scores[done:done + count] = scores[:count]
-    maps[done:done + count] = batch_maps[:count]
-    masks[done:done + count] = batch_masks[:count]
+  for scores, batch_maps, _, seconds in patchcore.predict_batches(model, batches()):
+    count = len(scores)
+    image_scores[done:done + count] = scores
+    maps[done:done + count] = batch_maps
+    inference_seconds += seconds
     done += count
     logging.log_every_n_seconds(logging.INFO, '[%s] scored %d/%d test images', 10, split.name,
                                 done, n_test)
 
   labels = np.array([s.label for s in split.test])
   has_masks = split.has_masks
+  model, test_thresholds = calibrate_on_test(model, labels, image_scores,
+                                             masks if has_masks else None, maps)
+  cal = model.calibration
   result = {
       'image_auroc': metrics.image_auroc(labels, image_scores),
       'pixel_auroc': metrics.pixel_auroc(masks, maps) if has_masks else None,
       'au_pro': metrics.au_pro(masks, maps) if has_masks else None,
-      'memory_bank_size': bank_size,
-      'fit_seconds': fit_seconds,
+      'memory_bank_size': model.memory_bank_size,
+      'fit_seconds': info['fit_seconds'],
       'inference_seconds_per_image': inference_seconds / n_test,
-      'feature_seconds': extract_seconds,
-      'coreset_seconds': coreset_seconds,
-      'compile_seconds': compile_seconds,
-      'num_train_images': len(train),
+      'feature_seconds': info['feature_seconds'],
+      'coreset_seconds': info['coreset_seconds'],
+      'compile_seconds': patchcore.compile_seconds_total[0] - compile_before,
+      'num_train_images': info['num_train_images'],
+      'num_holdout_images': info['num_holdout_images'],
       'num_test_images': n_test,
+      'image_threshold': cal.image_threshold,
+      'image_threshold_source': cal.image_threshold_source,
+      'pixel_threshold': cal.pixel_threshold,
+      **test_thresholds,
   }
+  if cal.image_threshold is not None:
+    decided = image_scores > cal.image_threshold
+    good, bad = labels == 0, labels == 1
+    result['test_fpr_at_threshold'] = float(decided[good].mean()) if good.any() else None
+    result['test_tpr_at_threshold'] = float(decided[bad].mean()) if bad.any() else None
   _write_scores(os.path.join(workdir, 'scores', f'{split.name}.csv'), split, labels, image_scores)
-  _write_overlays(os.path.join(workdir, 'maps', split.name), split, maps, masks, image_config,
-                  config.output.num_overlays)
+  _write_overlays(os.path.join(workdir, 'maps', split.name), split, model, image_scores, maps,
+                  masks, config.output.num_overlays)
+  if config.output.save_model:
+    result['model_dir'] = saving.save(model, os.path.join(workdir, 'models', split.name))
   return result
 
 
 def _write_scores(path, split, labels, scores):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w', newline='') as f:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(['path', 'label', 'score'])
     for sample, label, score in zip(split.test, labels, scores):
       writer.writerow([os.path.relpath(sample.path, split.root), int(label), repr(float(score))])
+  os.replace(tmp, path)
 
 
-def _write_overlays(directory, split, maps, masks, image_config, count):
+def _write_overlays(directory, split, model, image_scores, maps, masks, count):
+  color_range = model.calibration.color_range
   if count <= 0:
     return
+  if color_range is None:  # Only without any threshold (no holdout and no labelled test data).
+    logging.warning('[%s] no threshold, so no fixed colour scale: overlays not written',
+                    split.name)
+    return
   os.makedirs(directory, exist_ok=True)
-  vmin, vmax = float(maps.min()), float(maps.max())
   for i in _overlay_indices(split, count):
     sample = split.test[i]
-    image = data_lib.load_image(sample.path, **image_config)
+    image = data_lib.load_image(sample.path, **model.settings.image_config)
     stem = os.path.splitext(os.path.basename(sample.path))[0]
-    visualize.save_overlay(os.path.join(directory, f'{sample.defect}_{stem}.png'), image, maps[i],
-                           masks[i], vmin=vmin, vmax=vmax)
+    lines, ticks = visualize.caption(os.path.relpath(sample.path, split.root), image_scores[i],
+                                     model.calibration)
+    visualize.save_labelled_overlay(os.path.join(directory, f'{sample.defect}_{stem}.png'), image,
+                                    maps[i], masks[i], vmin=color_range[0], vmax=color_range[1],
+                                    lines=lines, ticks=ticks)
 
 
 def _fmt(value, pct=True):
@@ -172,37 +207,50 @@ def _fmt(value, pct=True):
 
 def results_table(results):
   """Markdown table of a results dict (metrics in percent)."""
-  lines = ['| category | image AUROC | pixel AUROC | AU-PRO | memory bank | fit s | ms / image |',
-           '|---|---|---|---|---|---|---|']
+  lines = ['| category | image AUROC | pixel AUROC | AU-PRO | misclassified | memory bank | fit s | '
+           'ms / image |', '|---|---|---|---|---|---|---|---|']
   for name, r in results.items():
     lines.append(f'| {name} | {_fmt(r["image_auroc"])} | {_fmt(r["pixel_auroc"])} | '
-                 f'{_fmt(r["au_pro"])} | {r["memory_bank_size"]:,} | {r["fit_seconds"]:.1f} | '
+                 f'{_fmt(r["au_pro"])} | {r.get("misclassified", "n/a")} | '
+                 f'{r["memory_bank_size"]:,} | {r["fit_seconds"]:.1f} | '
                  f'{1000 * r["inference_seconds_per_image"]:.1f} |')
   return '\n'.join(lines)
+
+
+def _write_json(path, value):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
 
 
 def run(config, workdir):
   """Runs PatchCore as `config` says on every category; writes outputs into `workdir`.
 
+  The same call the launcher makes. For the synthetic data an empty `data.root` means
+  `<workdir>/data` (the data is generated there once).
   Returns:
     {category: result record} (also in workdir/results.json).
   """
   os.makedirs(workdir, exist_ok=True)
+  if config.data.name == 'synthetic' and not config.data.root:
+    with config.unlocked():
+      config.data.root = os.path.join(workdir, 'data')
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   splits = data_lib.get_splits(config.data)
-  backbone = _load_backbone(config)
+  backbone = load_backbone(config)
   logging.info('backbone %s, stages %s (strides %s)', backbone.name, backbone.stages,
                [backbone.strides.get(s) for s in backbone.stages])
+  start = time.perf_counter()
   results = {}
   for i, (name, split) in enumerate(splits.items()):
     key = jax.random.fold_in(jax.random.key(config.seed), i)
     results[name] = run_category(config, backbone, split, workdir, key)
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    _write_json(os.path.join(workdir, 'results.json'), results)
   table = results_table(results)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(table + '\n')
-  logging.info('results (%s, %s, coreset %.0f %%):\n%s', config.data.name, backbone.name,
-               100 * config.coreset.percentage, table)
+  logging.info('results (%s, %s, coreset %.0f %%) in %.1f s:\n%s', config.data.name,
+               backbone.name, 100 * config.coreset.percentage, time.perf_counter() - start, table)
   return results

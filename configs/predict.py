@@ -1,0 +1,35 @@
+r"""Scores new images with a saved model: scores, OK/defect decisions, overlays and masks.
+
+  python launch.py --config=configs/predict.py --config.model=workdirs/bottle/models/bottle \
+      --config.images=/path/to/new_images --workdir=workdirs/predictions
+
+`images`: a folder (recursive), a glob ('/data/*/test/*.png', quoted), a text file with one path
+per line, or one image. Outputs (see patchcore_jax/predict_job.py): predictions.csv with
+path,score,normalized_score,anomalous,error; overlays/, masks/ (original resolution), summary.json.
+Exit status 0 when every image was scored, 1 when some could not be read.
+
+Expected: on MVTec bottle's test folder with the model saved by
+`configs/mvtec.py:category=bottle,backbone=efficientnet_lite2` the scores equal that run's
+scores/bottle.csv bit for bit (same batch size); see README "Keeping a model".
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  config = ml_collections.ConfigDict()
+  config.job = 'predict'
+  config.model = ''  # A saved model directory (WORKDIR/models/<category> of an experiment run).
+  config.images = ''  # Folder (recursive), glob, text file of paths, or one image.
+  config.batch_size = 0  # 0: the model's batch size (bit-identical scores to its fit run).
+  config.num_workers = 2  # Image-decoding threads.
+  config.threshold = -1.0  # >= 0: use this image (and pixel) threshold instead of the model's.
+  config.checkpoint = ''  # The backbone's weights file, if the one recorded in the model moved.
+  config.cache_dir = ''  # Converted backbone weights ('' -> $PATCHCORE_JAX_CACHE or ~/.cache).
+  config.output = ml_collections.ConfigDict()
+  config.output.overlays = True  # Labelled overlay PNG per image.
+  config.output.masks = True  # Binary defect mask PNG per image, at the original resolution.
+  config.output.save_maps = False  # Raw maps (.npy, network input size).
+  config.output.progress = False  # A progress bar beside the logs.
+  config.lock()
+  return config
