@@ -4,11 +4,8 @@ Tests that need the real data read it from $PATCHCORE_SHARED (the `shared` folde
 data/ and reference/); they skip with that reason when it is unset. CI sets it.
 """
 import os
-import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def shared_path(*parts):

@@ -1,6 +1,5 @@
 """Backbone ports against torch references (stage outputs), parameter counts, strict loading."""
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,7 @@ from patchcore_jax.backbones import mobilenet_v2
 from patchcore_jax.backbones import resnet
 from patchcore_jax.backbones import weights
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'fixtures'))
-from seeded_weights import seeded_state_dict  # pylint: disable=g-import-not-at-top
+from tests.fixtures.seeded_weights import seeded_state_dict
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 

@@ -49,7 +49,6 @@ def test_unknown_config_keys_fail_loudly(tmp_path):
 
 
 def test_configs_build_and_lock():
-  sys.path.insert(0, ROOT)
   from configs import demo, folder, mtd, mvtec  # pylint: disable=g-import-not-at-top
   c = mvtec.get_config('category=bottle,backbone=vgg16,percentage=0.01')
   assert c.data.categories == ('bottle',) and c.backbone.stages == ('relu4_3', 'relu5_3')
@@ -64,7 +63,6 @@ def test_configs_build_and_lock():
 
 def test_run_on_a_folder_without_masks(tmp_path):
   """Colab-style: experiment.run on a user's folder; no masks -> pixel metrics are null."""
-  sys.path.insert(0, ROOT)
   from configs import folder  # pylint: disable=g-import-not-at-top
   from patchcore_jax import data, experiment  # pylint: disable=g-import-not-at-top
   source = data.make_synthetic_dataset(str(tmp_path / 'gen'), 'tiles')
