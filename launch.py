@@ -7,8 +7,9 @@ r"""Runs a job as a config says: PatchCore experiments, predictions with a saved
       --config.images=/path/to/images --workdir=workdirs/predictions
   python launch.py --config=configs/benchmark.py:backbone=wide_resnet50_2 --workdir=workdirs/bench
 
-A user error (bad path, unreadable or edited file, bad config value) ends with its message and
-exit status 2; the predict job exits 1 when some images could not be read.
+A user error (bad path, unreadable or edited file, bad config file, key or value) ends with one
+line, `error: <message>`, and exit status 2, without a traceback; the predict job exits 1 when
+some images could not be read.
 """
 import sys
 
@@ -31,21 +32,47 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for all outputs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _user_error(message):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _describe(error):
+  """One line for an exception raised by a config file or an override."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # ml_collections wraps a KeyError in an AttributeError.
+  text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+  if 'Traceback (most recent call last)' in text:  # A config file's own error, quoted whole.
+    head, _, trace = text.partition('Traceback (most recent call last)')
+    text = head.rstrip(' :\n') + ': ' + trace.strip().splitlines()[-1]
+  return ' '.join(text.split())
+
+
+def _parse_flags(argv):
+  """absl's flag parsing; a bad flag, config file, config argument or override is a user error."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-except
+    _user_error(f'bad command line or config ({type(error).__name__}): {_describe(error)}')
+
+
 def main(argv):
   del argv
-  config = _CONFIG.value
-  job = config.get('job', 'patchcore')
+  try:
+    config = _CONFIG.value
+    job = config.get('job', 'patchcore')  # A config file that failed to load raises here.
+  except Exception as error:  # pylint: disable=broad-except
+    _user_error(f'cannot load the config ({type(error).__name__}): {_describe(error)}')
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   logging.info('config:\n%s', config)
   try:
     result = _JOBS[job](config, _WORKDIR.value)
   except errors.UserError as error:
     logging.error('%s', error)
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+    _user_error(error)
   if job == 'predict':
     sys.exit(predict_job.exit_status(result))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

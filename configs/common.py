@@ -2,8 +2,6 @@
 `--config.coreset.percentage=0.01`; the config is locked, so a misspelt key fails loudly."""
 import ml_collections
 
-from patchcore_jax import backbones
-
 
 def parse_arg(arg, **defaults):
   """'category=bottle,backbone=vgg16' -> dict, starting from `defaults`; unknown keys fail."""
@@ -33,7 +31,9 @@ def get_base_config(backbone='efficientnet_lite2'):
 
   config.backbone = ml_collections.ConfigDict()
   config.backbone.name = backbone  # One of patchcore_jax.backbones.NAMES.
-  config.backbone.stages = backbones.DEFAULT_STAGES[backbone]  # (stride 8, stride 16) stages.
+  # Stages to aggregate; () follows the backbone (its stride-8 and stride-16 stages,
+  # patchcore_jax.backbones.DEFAULT_STAGES), also when backbone.name is overridden.
+  config.backbone.stages = ()
   config.backbone.checkpoint = ''  # Weights file; required for the ResNet family.
   config.backbone.cache_dir = ''  # Converted .npz weights ('' -> $PATCHCORE_JAX_CACHE or ~/.cache).
   config.backbone.random_seed = -1  # >= 0: seeded random weights (tests, benchmarks).
@@ -81,4 +81,6 @@ def get_base_config(backbone='efficientnet_lite2'):
   config.output.num_overlays = 8  # Labelled anomaly-map overlay PNGs per category.
   config.output.save_model = True  # Save each category's fitted model under models/<category>.
   config.output.progress = False  # Progress bars (tqdm) beside the logs.
+  # A workdir holding another run's outputs is refused; True replaces those outputs.
+  config.output.overwrite = False
   return config

@@ -31,5 +31,6 @@ def get_config(arg=None):
   config.output.masks = True  # Binary defect mask PNG per image, at the original resolution.
   config.output.save_maps = False  # Raw maps (.npy, network input size).
   config.output.progress = False  # A progress bar beside the logs.
+  config.output.overwrite = False  # Replace a previous run's outputs in the workdir.
   config.lock()
   return config

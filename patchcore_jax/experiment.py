@@ -4,7 +4,13 @@ Each category is `patchcore.fit` on its training images and `patchcore.predict_b
 test images, then evaluated; the fitted model, calibrated with the F1-optimal thresholds of the
 labelled test data (and the held-out good images when `calibration.holdout` > 0), is saved.
 
-Writes into `workdir`:
+Before any work the whole config is checked (`validate_config`), every image and mask file is
+checked from its header (`data.check_split`), and the workdir is claimed (`workdir.claim`: a
+workdir holding another run's outputs is refused unless `output.overwrite`).
+
+Writes into `workdir` (every file atomically):
+  status.json                  'running' until the end, then 'complete' (or 'failed' + error);
+                               the categories done so far
   config.json                  the full config
   results.json                 {category: {image_auroc, pixel_auroc, au_pro, memory_bank_size,
                                 fit_seconds, inference_seconds_per_image, thresholds, ...}}
@@ -15,7 +21,7 @@ Writes into `workdir`:
 """
 import csv
 import dataclasses
-import json
+import io
 import os
 import time
 
@@ -25,10 +31,15 @@ import numpy as np
 
 from patchcore_jax import backbones
 from patchcore_jax import data as data_lib
+from patchcore_jax import errors
 from patchcore_jax import metrics
 from patchcore_jax import patchcore
 from patchcore_jax import saving
 from patchcore_jax import visualize
+from patchcore_jax import workdir as workdir_lib
+
+# What a run writes into its workdir (what a second run must not mix with).
+OUTPUTS = ('config.json', 'results.json', 'results.md', 'scores', 'maps', 'models')
 
 
 def settings_from_config(config):
@@ -44,13 +55,51 @@ def settings_from_config(config):
       batch_size=dc.batch_size).validate()
 
 
+def _check(field, value, ok, allowed):
+  if not ok:
+    raise errors.UserError(f'config.{field}={value!r} is not allowed: must be {allowed}')
+
+
+def validate_config(config):
+  """Checks every field of an experiment config before any work; raises errors.UserError naming
+  the field, its value and what is allowed. Returns the `patchcore.Settings` it describes."""
+  dc, bb, cal, out = config.data, config.backbone, config.calibration, config.output
+  _check('data.name', dc.name, dc.name in data_lib.DATASETS, f'one of {data_lib.DATASETS}')
+  if dc.name == 'mvtec':
+    unknown = [c for c in dc.categories if c not in data_lib.MVTEC_CATEGORIES]
+    _check('data.categories', tuple(dc.categories), dc.categories and not unknown,
+           f'MVTec AD categories, some of {data_lib.MVTEC_CATEGORIES}')
+  if dc.name == 'synthetic':
+    unknown = [c for c in dc.categories if c not in data_lib.SYNTHETIC_CATEGORIES]
+    _check('data.categories', tuple(dc.categories), dc.categories and not unknown,
+           f'some of {data_lib.SYNTHETIC_CATEGORIES}')
+  _check('data.num_workers', dc.num_workers, dc.num_workers >= 1, 'at least 1')
+  _check('backbone.name', bb.name, bb.name in backbones.NAMES, f'one of {backbones.NAMES}')
+  _, strides = backbones.build_model(bb.name, backbones.DEFAULT_STAGES[bb.name])
+  stages = tuple(bb.stages)
+  _check('backbone.stages', stages, all(s in strides for s in stages),
+         f'stages of {bb.name}: {tuple(strides)} (empty: its default '
+         f'{backbones.DEFAULT_STAGES[bb.name]})')
+  _check('backbone.official_bn_probe_passes', bb.official_bn_probe_passes,
+         bb.official_bn_probe_passes >= 0, '>= 0')
+  _check('calibration.holdout', cal.holdout, 0.0 <= cal.holdout < 1.0, 'in [0, 1)')
+  _check('calibration.target_fpr', cal.target_fpr, 0.0 < cal.target_fpr < 1.0, 'in (0, 1)')
+  _check('output.num_overlays', out.num_overlays, out.num_overlays >= 0, '>= 0')
+  if bb.checkpoint and not os.path.isfile(bb.checkpoint):
+    raise errors.UserError(f'config.backbone.checkpoint={bb.checkpoint!r}: no such file')
+  return settings_from_config(config)
+
+
 def load_backbone(config):
   """The backbone a config describes, probed and folded as it says."""
   bb = config.backbone
   stages = tuple(bb.stages) or None
   seed = bb.random_seed if bb.random_seed >= 0 else None
-  backbone = backbones.load_backbone(bb.name, stages=stages, checkpoint=bb.checkpoint,
-                                     cache_dir=bb.cache_dir, random_seed=seed)
+  try:
+    backbone = backbones.load_backbone(bb.name, stages=stages, checkpoint=bb.checkpoint,
+                                       cache_dir=bb.cache_dir, random_seed=seed)
+  except FileNotFoundError as error:  # Weights that are not here: the message says how to get them.
+    raise errors.UserError(str(error)) from error
   backbone = backbones.official_bn_probe(backbone, image_size=config.data.image_size,
                                          passes=bb.official_bn_probe_passes)
   return backbones.fold_batchnorm(backbone) if bb.fold_batchnorm else backbone
@@ -92,8 +141,12 @@ def calibrate_on_test(model, labels, image_scores, masks=None, maps=None):
   return model.replace(calibration=dataclasses.replace(cal, **changes)), test
 
 
-def run_category(config, backbone, split, workdir, key):
-  """Fits PatchCore on `split.train`, evaluates on `split.test`; returns the results record."""
+def run_category(config, backbone, split, workdir, key, no_mask=()):
+  """Fits PatchCore on `split.train`, evaluates on `split.test`; returns the results record.
+
+  `no_mask`: defective test samples without a mask (from `data.check_split`), left out of the
+  pixel metrics and named in the record.
+  """
   dc = config.data
   settings = settings_from_config(config)
   train = split.train[:dc.max_train_images] if dc.max_train_images > 0 else split.train
@@ -134,13 +187,17 @@ def run_category(config, backbone, split, workdir, key):
 
   labels = np.array([s.label for s in split.test])
   has_masks = split.has_masks
+  pixel_masks, pixel_maps = masks, maps
+  if has_masks and no_mask:  # Pixel metrics only where the truth is known.
+    keep = np.array([s not in set(no_mask) for s in split.test])
+    pixel_masks, pixel_maps = masks[keep], maps[keep]
   model, test_thresholds = calibrate_on_test(model, labels, image_scores,
-                                             masks if has_masks else None, maps)
+                                             pixel_masks if has_masks else None, pixel_maps)
   cal = model.calibration
   result = {
       'image_auroc': metrics.image_auroc(labels, image_scores),
-      'pixel_auroc': metrics.pixel_auroc(masks, maps) if has_masks else None,
-      'au_pro': metrics.au_pro(masks, maps) if has_masks else None,
+      'pixel_auroc': metrics.pixel_auroc(pixel_masks, pixel_maps) if has_masks else None,
+      'au_pro': metrics.au_pro(pixel_masks, pixel_maps) if has_masks else None,
       'memory_bank_size': model.memory_bank_size,
       'fit_seconds': info['fit_seconds'],
       'inference_seconds_per_image': inference_seconds / n_test,
@@ -150,6 +207,9 @@ def run_category(config, backbone, split, workdir, key):
       'num_train_images': info['num_train_images'],
       'num_holdout_images': info['num_holdout_images'],
       'num_test_images': n_test,
+      'num_excluded_from_pixel_metrics': len(no_mask) if has_masks else 0,
+      'excluded_from_pixel_metrics': [os.path.relpath(s.path, split.root) for s in no_mask]
+                                     if has_masks else [],
       'image_threshold': cal.image_threshold,
       'image_threshold_source': cal.image_threshold_source,
       'pixel_threshold': cal.pixel_threshold,
@@ -169,14 +229,12 @@ def run_category(config, backbone, split, workdir, key):
 
 
 def _write_scores(path, split, labels, scores):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['path', 'label', 'score'])
-    for sample, label, score in zip(split.test, labels, scores):
-      writer.writerow([os.path.relpath(sample.path, split.root), int(label), repr(float(score))])
-  os.replace(tmp, path)
+  out = io.StringIO()
+  writer = csv.writer(out)
+  writer.writerow(['path', 'label', 'score'])
+  for sample, label, score in zip(split.test, labels, scores):
+    writer.writerow([os.path.relpath(sample.path, split.root), int(label), repr(float(score))])
+  workdir_lib.write_text(path, out.getvalue())
 
 
 def _write_overlays(directory, split, model, image_scores, maps, masks, count):
@@ -194,9 +252,10 @@ def _write_overlays(directory, split, model, image_scores, maps, masks, count):
     stem = os.path.splitext(os.path.basename(sample.path))[0]
     lines, ticks = visualize.caption(os.path.relpath(sample.path, split.root), image_scores[i],
                                      model.calibration)
-    visualize.save_labelled_overlay(os.path.join(directory, f'{sample.defect}_{stem}.png'), image,
-                                    maps[i], masks[i], vmin=color_range[0], vmax=color_range[1],
-                                    lines=lines, ticks=ticks)
+    workdir_lib.save_png(
+        os.path.join(directory, f'{sample.defect}_{stem}.png'),
+        visualize.labelled_overlay(image, maps[i], masks[i], vmin=color_range[0],
+                                   vmax=color_range[1], lines=lines, ticks=ticks))
 
 
 def _fmt(value, pct=True):
@@ -217,13 +276,6 @@ def results_table(results):
   return '\n'.join(lines)
 
 
-def _write_json(path, value):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
-
-
 def run(config, workdir):
   """Runs PatchCore as `config` says on every category; writes outputs into `workdir`.
 
@@ -231,26 +283,42 @@ def run(config, workdir):
   `<workdir>/data` (the data is generated there once).
   Returns:
     {category: result record} (also in workdir/results.json).
+  Raises:
+    errors.UserError for a bad config value, path or file, before any work.
   """
-  os.makedirs(workdir, exist_ok=True)
   if config.data.name == 'synthetic' and not config.data.root:
     with config.unlocked():
       config.data.root = os.path.join(workdir, 'data')
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  validate_config(config)
   splits = data_lib.get_splits(config.data)
-  backbone = load_backbone(config)
-  logging.info('backbone %s, stages %s (strides %s)', backbone.name, backbone.stages,
-               [backbone.strides.get(s) for s in backbone.stages])
-  start = time.perf_counter()
-  results = {}
-  for i, (name, split) in enumerate(splits.items()):
-    key = jax.random.fold_in(jax.random.key(config.seed), i)
-    results[name] = run_category(config, backbone, split, workdir, key)
-    _write_json(os.path.join(workdir, 'results.json'), results)
-  table = results_table(results)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(table + '\n')
+  no_masks = {}
+  for name, split in splits.items():
+    no_masks[name] = data_lib.check_split(split)
+    for sample in no_masks[name]:
+      logging.warning('[%s] %s is defective but has no mask: left out of the pixel metrics', name,
+                      sample.path)
+  status = workdir_lib.claim(workdir, job='patchcore', outputs=OUTPUTS,
+                             overwrite=config.output.overwrite)
+  try:
+    workdir_lib.write_text(os.path.join(workdir, 'config.json'),
+                           config.to_json_best_effort(indent=2))
+    backbone = load_backbone(config)
+    logging.info('backbone %s, stages %s (strides %s)', backbone.name, backbone.stages,
+                 [backbone.strides.get(s) for s in backbone.stages])
+    start = time.perf_counter()
+    results = {}
+    for i, (name, split) in enumerate(splits.items()):
+      key = jax.random.fold_in(jax.random.key(config.seed), i)
+      results[name] = run_category(config, backbone, split, workdir, key, no_masks[name])
+      results[name]['status'] = 'complete'
+      workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
+      workdir_lib.mark_done(workdir, status, name)
+    table = results_table(results)
+    workdir_lib.write_text(os.path.join(workdir, 'results.md'), table + '\n')
+  except BaseException as error:
+    workdir_lib.finish(workdir, status, error=error)
+    raise
+  workdir_lib.finish(workdir, status)
   logging.info('results (%s, %s, coreset %.0f %%) in %.1f s:\n%s', config.data.name,
                backbone.name, 100 * config.coreset.percentage, time.perf_counter() - start, table)
   return results

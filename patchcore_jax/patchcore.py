@@ -94,7 +94,8 @@ class Settings:
                 precision=self.precision)
 
   def validate(self):
-    """Raises errors.UserError naming the first field with a value out of range."""
+    """Raises errors.UserError naming the first field with a value out of range (and the config
+    field it comes from)."""
     checks = [
         ('transform', self.transform in transforms.TRANSFORMS, f'one of {transforms.TRANSFORMS}'),
         ('image_size', self.image_size >= 16, 'at least 16'),
@@ -117,8 +118,27 @@ class Settings:
     ]
     for field, ok, allowed in checks:
       if not ok:
-        raise errors.UserError(f'{field}={getattr(self, field)!r} is not allowed: must be {allowed}')
+        raise errors.UserError(f'{field} ({CONFIG_FIELDS[field]}) = {getattr(self, field)!r} is '
+                               f'not allowed: must be {allowed}')
+    if self.transform == 'resize_crop' and self.image_size > self.resize:
+      raise errors.UserError(
+          f'image_size ({CONFIG_FIELDS["image_size"]}) = {self.image_size} is larger than resize '
+          f'({CONFIG_FIELDS["resize"]}) = {self.resize}: the centre crop would pad the image with '
+          'black borders; make resize >= image_size')
     return self
+
+
+# The config field (configs/common.py) each setting comes from, for messages.
+CONFIG_FIELDS = {
+    'transform': 'data.transform', 'resize': 'data.resize', 'image_size': 'data.image_size',
+    'patch_size': 'features.patch_size', 'stride': 'features.patch_stride',
+    'pretrain_dim': 'features.pretrain_dim', 'target_dim': 'features.target_dim',
+    'percentage': 'coreset.percentage', 'projection_dim': 'coreset.projection_dim',
+    'num_starts': 'coreset.num_starts', 'seed': 'seed', 'k': 'knn.k',
+    'block_size': 'knn.block_size', 'precision': 'knn.precision', 'screen': 'knn.screen',
+    'distance': 'scoring.distance', 'sigma': 'scoring.sigma', 'reweight': 'scoring.reweight',
+    'reweight_neighbours': 'scoring.reweight_neighbours', 'batch_size': 'data.batch_size',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,6 +452,26 @@ def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=
   return knn.prepare_bank(selected, block_size=block_size, screen=screen), indices
 
 
+def check_bank_size(backbone, settings, num_images):
+  """Raises errors.UserError, before any image is read, when the coreset would keep no patch or
+  fewer patches than `settings.k` neighbours. Returns the memory bank's size."""
+  size = settings.image_size
+  spec = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  static = dict(model=backbone.model, stages=tuple(backbone.stages), **settings.feature_config)
+  _, h, w, _ = jax.eval_shape(functools.partial(_embed, **static), backbone.variables, spec).shape
+  rows = num_images * h * w
+  kept = rows if settings.percentage == 1.0 else int(rows * settings.percentage)
+  if kept < 1:
+    raise errors.UserError(
+        f'percentage ({CONFIG_FIELDS["percentage"]}) = {settings.percentage} of {rows} patches '
+        f'({num_images} images x {h} x {w}) keeps none: raise it')
+  if settings.k > kept:
+    raise errors.UserError(
+        f'k ({CONFIG_FIELDS["k"]}) = {settings.k} is larger than the memory bank, {kept} patches '
+        f'({settings.percentage:g} of {num_images} images x {h} x {w}): at most {kept}')
+  return kept
+
+
 def holdout_threshold(scores, *, target_fpr):
   """The (m+1)-th largest of n scores, m = floor(target_fpr * n): at most m lie above it."""
   scores = np.sort(np.asarray(scores, np.float64))[::-1]
@@ -484,6 +524,8 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
   train, held = pick(train_idx), pick(holdout_idx)
   key = jax.random.key(settings.seed) if key is None else key
 
+  check_bank_size(backbone, settings, len(train))
+
   t0 = time.perf_counter()
   bar = progress_bar(len(train), 'memory bank', progress)
   update = (lambda done: bar.update(done - bar.n)) if bar is not None else None
@@ -503,9 +545,6 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
   coreset_seconds = time.perf_counter() - t1
   rows = bank_features.shape[0]
   del bank_features
-  if settings.k > bank.size:
-    raise errors.UserError(f'knn k={settings.k} is larger than the memory bank ({bank.size} '
-                           'patches): lower k or raise the coreset percentage')
   info = dict(num_train_images=len(train), num_holdout_images=len(held), memory_bank_rows=rows,
               feature_seconds=feature_seconds, coreset_seconds=coreset_seconds,
               fit_seconds=feature_seconds + coreset_seconds,

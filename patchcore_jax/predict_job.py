@@ -18,6 +18,8 @@ Writes into OUT:
                     crop was never inspected and is 0 (not defective)
   maps/<path>.npy   raw float32 maps at the network's input size, with output.save_maps
   summary.json      counts, timings (images/s), peak memory, the model and threshold used
+  status.json       'running' until the end, then 'complete' (or 'failed'); see `workdir`
+A workdir holding another run's outputs is refused unless output.overwrite is set.
 
 Images stream through in batches (memory stays flat however many there are). A file that cannot
 be read gets a row with its error and the rest go on. Exit status (launch.py): 0 when every image
@@ -26,23 +28,23 @@ was scored, 1 when some could not be read, 2 for a user error (no model, no imag
 import csv
 import dataclasses
 import glob
-import json
 import os
 import resource
 import time
 
 from absl import logging
 import numpy as np
-from PIL import Image
 
 from patchcore_jax import errors
 from patchcore_jax import patchcore
 from patchcore_jax import saving
 from patchcore_jax import visualize
+from patchcore_jax import workdir as workdir_lib
 from patchcore_jax.data import common as data_common
 from patchcore_jax.data import transforms
 
 COLUMNS = ('path', 'score', 'normalized_score', 'anomalous', 'error')
+OUTPUTS = ('predictions.csv', 'summary.json', 'overlays', 'masks', 'maps')
 
 
 def resolve_images(spec):
@@ -85,11 +87,6 @@ def _peak_rss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _write_png(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path)
-
-
 def run(config, workdir):
   """Scores config.images with the model in config.model; see the module docstring.
 
@@ -107,11 +104,23 @@ def run(config, workdir):
   if config.threshold >= 0:
     model = patchcore.with_threshold(model, config.threshold)
   paths, base = resolve_images(config.images)
-  cal, settings = model.calibration, model.settings
-  if cal.image_threshold is None:
+  if model.calibration.image_threshold is None:
     logging.warning('the model has no threshold (fitted without holdout or labelled test data): '
                     'no decisions, masks or overlays; set --config.threshold to add one')
-  os.makedirs(workdir, exist_ok=True)
+  status = workdir_lib.claim(workdir, job='predict', outputs=OUTPUTS,
+                             overwrite=config.output.overwrite)
+  try:
+    summary = _score_all(config, workdir, model, paths, base)
+  except BaseException as error:
+    workdir_lib.finish(workdir, status, error=error)
+    raise
+  workdir_lib.finish(workdir, status)
+  return summary
+
+
+def _score_all(config, workdir, model, paths, base):
+  """Scores `paths` into workdir; returns the summary."""
+  cal, settings = model.calibration, model.settings
   csv_path = os.path.join(workdir, 'predictions.csv')
   tmp_path = csv_path + '.tmp'
   logging.info('scoring %d images from %s with %s (memory bank %d, threshold %s from %s)',
@@ -172,8 +181,7 @@ def run(config, workdir):
       'pixel_threshold': cal.pixel_threshold,
       'exit_status': 0 if failed == 0 else 1,
   }
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
   logging.info('scored %d of %d images in %.1f s (%.1f images/s, %.1f ms compute per image), '
                '%d unreadable; peak RSS %.0f MB; %s', scored, len(paths), seconds,
                summary['images_per_second'], 1000 * summary['compute_seconds_per_image'], failed,
@@ -187,17 +195,18 @@ def _write_outputs(workdir, name, model, output, score, anomaly_map, image, size
   if output.save_maps:
     path = os.path.join(workdir, 'maps', stem + '.npy')
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path, anomaly_map.astype(np.float32))
+    np.save(path + '.tmp.npy', anomaly_map.astype(np.float32))
+    os.replace(path + '.tmp.npy', path)
   if cal.image_threshold is None:
     return
   if output.overlays:
     vmin, vmax = cal.color_range
     lines, ticks = visualize.caption(name, score, cal)
-    _write_png(os.path.join(workdir, 'overlays', stem + '.png'), visualize.labelled_overlay(
+    workdir_lib.save_png(os.path.join(workdir, 'overlays', stem + '.png'), visualize.labelled_overlay(
         image, anomaly_map, None, vmin=vmin, vmax=vmax, lines=lines, ticks=ticks))
   if output.masks:
     full = transforms.map_to_original(anomaly_map, size, **model.settings.image_config)
-    _write_png(os.path.join(workdir, 'masks', stem + '.png'),
+    workdir_lib.save_png(os.path.join(workdir, 'masks', stem + '.png'),
                np.where(full > cal.pixel_threshold, 255, 0).astype(np.uint8))
 
 

@@ -40,10 +40,6 @@ def overlay(image, anomaly_map, mask, *, vmin, vmax):
   return (np.concatenate([left, heat, blend], axis=1) * 255).round().astype(np.uint8)
 
 
-def save_overlay(path, *args, **kwargs):
-  Image.fromarray(overlay(*args, **kwargs)).save(path)
-
-
 def format_value(value):
   """A score for people: thousands separated above 1000, 4 significant digits below."""
   return f'{value:,.0f}' if abs(value) >= 1000 else f'{value:.4g}'
@@ -86,10 +82,6 @@ def labelled_overlay(image, anomaly_map, mask, *, vmin, vmax, lines, ticks=()):
     draw.text((min(max(x - text_width / 2, 0), width - text_width), 15), label,
               fill=(255, 255, 255), font=font)
   return np.concatenate([np.asarray(caption), panel, np.asarray(bar)], axis=0)
-
-
-def save_labelled_overlay(path, *args, **kwargs):
-  Image.fromarray(labelled_overlay(*args, **kwargs)).save(path)
 
 
 def caption(name, score, calibration):

@@ -6,6 +6,7 @@ from PIL import Image
 import pytest
 
 from patchcore_jax import data
+from patchcore_jax import errors
 from patchcore_jax.data import transforms
 from tests.conftest import shared_path
 
@@ -101,7 +102,7 @@ def test_mvtec_bottle_layout():
   assert len(split.train) == 209 and len(split.test) == 83
   assert sum(s.label for s in split.test) == 63
   assert all(s.mask_path for s in split.test if s.label)
-  with pytest.raises(ValueError, match='unknown MVTec AD category'):
+  with pytest.raises(errors.UserError, match='unknown MVTec AD category'):
     data.mvtec_split(root, 'bottles')
   assert len(data.MVTEC_CATEGORIES) == 15
 

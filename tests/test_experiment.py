@@ -51,7 +51,8 @@ def test_unknown_config_keys_fail_loudly(tmp_path):
 def test_configs_build_and_lock():
   from configs import demo, folder, mtd, mvtec  # pylint: disable=g-import-not-at-top
   c = mvtec.get_config('category=bottle,backbone=vgg16,percentage=0.01')
-  assert c.data.categories == ('bottle',) and c.backbone.stages == ('relu4_3', 'relu5_3')
+  assert c.data.categories == ('bottle',) and c.backbone.name == 'vgg16'
+  assert c.backbone.stages == ()  # The backbone's own (stride 8, 16) stages.
   assert c.coreset.percentage == 0.01
   assert len(mvtec.get_config('category=all').data.categories) == 15
   assert mtd.get_config().data.transform == 'resize'

@@ -84,7 +84,7 @@ def test_arrays_and_files_give_the_same_scores(model, tiles):
 def test_fit_rejects_bad_settings(backbone, tiles):
   with pytest.raises(TypeError, match='precentage'):
     patchcore.fit(backbone, tiles[0], precentage=0.1)
-  with pytest.raises(errors.UserError, match='percentage=1.5'):
+  with pytest.raises(errors.UserError, match=r'percentage \(coreset.percentage\) = 1.5'):
     patchcore.fit(backbone, tiles[0], percentage=1.5)
   with pytest.raises(errors.UserError, match='holdout=1.0'):
     patchcore.fit(backbone, tiles[0], holdout=1.0)

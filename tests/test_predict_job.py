@@ -106,6 +106,14 @@ def test_glob_and_list_file_inputs(fitted, tmp_path):
   assert [r['path'] for r in _rows(str(tmp_path / 'glob'))] == [
       f'{d}/00{i}.png' for d in ('chip', 'crack') for i in range(3)]
   assert summary['num_scored'] == 6
+  # The same workdir again: refused, unless the previous outputs may be replaced.
+  with pytest.raises(errors.UserError, match='already holds another run'):
+    predict_job.run(_config(model, os.path.join(test_dir, 'chip', '000.png')),
+                    str(tmp_path / 'glob'))
+  config = _config(model, os.path.join(test_dir, 'chip', '000.png'), overlays=False, masks=False)
+  config.output.overwrite = True
+  predict_job.run(config, str(tmp_path / 'glob'))
+  assert [r['path'] for r in _rows(str(tmp_path / 'glob'))] == ['000.png']
   listing = tmp_path / 'list.txt'
   listing.write_text('# one path per line\n' + os.path.join(test_dir, 'good', '003.png') +
                      '\n\n' + os.path.join(test_dir, 'chip', '004.png') + '\n')

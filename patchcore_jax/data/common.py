@@ -35,9 +35,75 @@ class Split:
 def list_images(directory):
   """Sorted image files in `directory` (no recursion)."""
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'no such directory: {directory}')
+    raise errors.UserError(f'no such directory: {directory}')
   return sorted(os.path.join(directory, f) for f in os.listdir(directory)
                 if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _truncated(path):
+  """Whether a PNG or JPEG file lacks its closing marker (a copy cut short), from its last bytes."""
+  lower = path.lower()
+  if not lower.endswith(('.png', '.jpg', '.jpeg')):
+    return False
+  with open(path, 'rb') as f:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - 32))
+    tail = f.read()
+  if lower.endswith('.png'):
+    return b'IEND' not in tail
+  return b'\xff\xd9' not in tail
+
+
+def _header_problem(path):
+  """None, or why the image file at `path` cannot be used (from its header and last bytes)."""
+  try:
+    if os.path.getsize(path) == 0:
+      return 'empty file (0 bytes)'
+    size = transforms.image_size_of(path)
+  except transforms.ImageTooLarge as error:
+    return f'too many pixels to decode safely ({error})'
+  except Exception as error:  # pylint: disable=broad-except
+    return f'not a readable image ({type(error).__name__}: {error})'
+  if min(size) < 1:
+    return f'has no pixels ({size[0]} x {size[1]})'
+  if _truncated(path):
+    return 'truncated (the file ends before its closing marker)'
+  return None
+
+
+def check_split(split, *, max_listed=20):
+  """Checks every file of `split` before any work, from headers alone (milliseconds per file).
+
+  Raises errors.UserError listing each image or mask that cannot be read (empty, not an image,
+  truncated, too many pixels) and each mask whose size differs from its image's.
+  Returns:
+    The defective test samples without a mask when other defective samples have one: they are
+    excluded from pixel metrics (a warning names them); [] otherwise.
+  """
+  problems = []
+  for sample in list(split.train) + list(split.test):
+    problem = _header_problem(sample.path)
+    if problem:
+      problems.append(f'{sample.path}: {problem}')
+      continue
+    if sample.mask_path:
+      problem = _header_problem(sample.mask_path)
+      if problem:
+        problems.append(f'mask {sample.mask_path}: {problem}')
+        continue
+      image_size = transforms.image_size_of(sample.path)
+      mask_size = transforms.image_size_of(sample.mask_path)
+      if image_size != mask_size:
+        problems.append(f'mask {sample.mask_path} is {mask_size[0]} x {mask_size[1]} pixels, '
+                        f'its image {sample.path} is {image_size[0]} x {image_size[1]}')
+  if problems:
+    listed = problems[:max_listed]
+    more = f'\n  ... and {len(problems) - max_listed} more' if len(problems) > max_listed else ''
+    raise errors.UserError(f'{split.name}: {len(problems)} unusable file(s):\n  ' +
+                           '\n  '.join(listed) + more)
+  if not split.has_masks:
+    return []
+  return [s for s in split.test if s.label == 1 and not s.mask_path]
 
 
 def map_in_batches(fn, items, *, batch_size, num_workers=2):

@@ -7,6 +7,7 @@ MT_Blowhole, MT_Break, MT_Crack, MT_Fray and MT_Uneven is an anomalous test imag
 import glob
 import os
 
+from patchcore_jax import errors
 from patchcore_jax.data.common import Sample, Split
 
 DEFECTS = ('MT_Blowhole', 'MT_Break', 'MT_Crack', 'MT_Fray', 'MT_Uneven')
@@ -15,7 +16,7 @@ DEFECTS = ('MT_Blowhole', 'MT_Break', 'MT_Crack', 'MT_Fray', 'MT_Uneven')
 def mtd_split(root):
   free = sorted(glob.glob(os.path.join(root, 'MT_Free', 'Imgs', '*.jpg')))
   if not free:
-    raise FileNotFoundError(f'no MT_Free/Imgs/*.jpg under {root}')
+    raise errors.UserError(f'no MT_Free/Imgs/*.jpg under {root} (expected the MTD release layout)')
   train = [Sample(p, 0, 'good') for i, p in enumerate(free) if i % 5 != 0]
   test = [Sample(p, 0, 'good', p[:-4] + '.png') for i, p in enumerate(free) if i % 5 == 0]
   for defect in DEFECTS:

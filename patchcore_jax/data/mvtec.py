@@ -2,6 +2,7 @@
 ground_truth/<defect>/<stem>_mask.png}."""
 import os
 
+from patchcore_jax import errors
 from patchcore_jax.data.folder import folder_split
 
 MVTEC_CATEGORIES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 'leather',
@@ -12,8 +13,8 @@ MVTEC_CATEGORIES = ('bottle', 'cable', 'capsule', 'carpet', 'grid', 'hazelnut', 
 def mvtec_split(root, category):
   """Split of one MVTec AD category; paths in outputs are relative to `root`."""
   if category not in MVTEC_CATEGORIES:
-    raise ValueError(f'unknown MVTec AD category {category!r}; known: {", ".join(MVTEC_CATEGORIES)}')
+    raise errors.UserError(f'unknown MVTec AD category {category!r}; known: {", ".join(MVTEC_CATEGORIES)}')
   directory = os.path.join(root, category)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'MVTec AD category {category!r} not found at {directory}')
+    raise errors.UserError(f'MVTec AD category {category!r} not found at {directory}')
   return folder_split(directory, name=category, relative_to=root)

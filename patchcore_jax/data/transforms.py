@@ -3,11 +3,26 @@
 'resize_crop': resize the shorter side to `resize` with PIL's bilinear filter (what
   `torchvision.transforms.Resize(resize)` does on PIL images), then centre-crop `image_size`.
 'resize': resize straight to `image_size` x `image_size` (no crop; for non-square data like MTD).
-Grayscale, palette and RGBA images become RGB. Masks go through the same geometry; a pixel is
-defective where the resized mask value is >= 0.5 (>= 128 of 255).
+Masks go through the same geometry; a pixel is defective where the resized mask value is >= 0.5
+(>= 128 of 255).
+
+Decoding rules (`to_8bit_rgb`), so that every file means what a person viewing it sees:
+  * EXIF orientation is applied first (phone and camera JPEGs), as image viewers do.
+  * 8-bit grayscale, palette, CMYK, RGB and RGBA (alpha ignored) images become RGB.
+  * 16-bit grayscale ('I;16*', and 'I' whose values fit in 16 bits) is scaled by its full range,
+    value / 65535, then rounded to 8 bits; 16-bit RGB PNGs are read at 8 bits by PIL itself.
+  * 32-bit integer ('I') outside 0..65535, and 32-bit float ('F', e.g. TIFF): values already in
+    [0, 1] are taken as they are; anything else is min-max scaled to [0, 1] with a warning that
+    names the file (a constant image becomes black).
+  * Images declaring more pixels than PIL's limit (`Image.MAX_IMAGE_PIXELS`, ~89 M; a
+    "decompression bomb") are refused before decoding, with an error naming the file.
 """
+import warnings
+
+from absl import logging
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 TRANSFORMS = ('resize_crop', 'resize')
 
@@ -71,18 +86,74 @@ def from_array(array, *, resize=256, image_size=224, transform='resize_crop'):
   return np.asarray(img, np.float32) / 255.0
 
 
+class ImageTooLarge(ValueError):
+  """An image declares more pixels than PIL's decompression-bomb limit."""
+
+
+def open_image(path):
+  """PIL's `Image.open` with the decompression-bomb warning made an error naming the file."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    try:
+      return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+      raise ImageTooLarge(f'{path}: {error}') from error
+
+
+def to_8bit(img, path=''):
+  """A PIL image in any mode -> 8 bits per channel ('L', 'RGB', 'RGBA', 'P', ...), by the rules in
+  the module docstring."""
+  mode = img.mode
+  if mode.startswith('I;16'):
+    values = np.asarray(img, np.float64) / 65535.0
+  elif mode in ('I', 'F'):
+    values = np.asarray(img, np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == 'I' and low >= 0 and high <= 65535:
+      values = values / 65535.0
+    elif not (low >= 0.0 and high <= 1.0):
+      logging.warning('%s: %s image with values in [%g, %g]: scaled min-max to [0, 1]', path,
+                      'float' if mode == 'F' else '32-bit integer', low, high)
+      values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+  else:
+    return img
+  return Image.fromarray(np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
+def _decoded(img, path, mode):
+  img = ImageOps.exif_transpose(img)
+  return to_8bit(img, path).convert(mode)
+
+
 def load_image(path, *, resize=256, image_size=224, transform='resize_crop', return_size=False):
-  """-> [image_size, image_size, 3] float32 RGB in [0, 1] (and the file's (width, height) with
-  `return_size`)."""
-  with Image.open(path) as img:
+  """-> [image_size, image_size, 3] float32 RGB in [0, 1] (and the file's (width, height), as
+  displayed, with `return_size`)."""
+  with open_image(path) as img:
+    img = _decoded(img, path, 'RGB')
     size = img.size
-    img = _geometry(img.convert('RGB'), resize=resize, image_size=image_size, transform=transform)
+    img = _geometry(img, resize=resize, image_size=image_size, transform=transform)
     image = np.asarray(img, np.float32) / 255.0
   return (image, size) if return_size else image
 
 
+def image_size_of(path):
+  """The (width, height) of an image file as displayed (EXIF orientation applied), from its
+  header alone."""
+  with open_image(path) as img:
+    width, height = img.size
+    if img.format == 'PNG':  # getexif() would decode a PNG to look past its pixels: header only.
+      exif = Image.Exif()
+      if img.info.get('exif'):
+        exif.load(img.info['exif'])
+    else:
+      exif = img.getexif()
+    orientation = exif.get(0x0112, 1)  # EXIF Orientation.
+  return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def load_mask(path, *, resize=256, image_size=224, transform='resize_crop'):
   """-> [image_size, image_size] bool, True where the resized mask is >= 0.5."""
-  with Image.open(path) as img:
-    img = _geometry(img.convert('L'), resize=resize, image_size=image_size, transform=transform)
+  with open_image(path) as img:
+    img = _geometry(_decoded(img, path, 'L'), resize=resize, image_size=image_size,
+                    transform=transform)
     return np.asarray(img) >= 128
