@@ -16,6 +16,9 @@ from patchcore_jax import patchcore
 from patchcore_jax import saving
 from patchcore_jax.data import transforms
 
+# One worker runs this file's tests, so the module fixtures are fitted once.
+pytestmark = pytest.mark.xdist_group('fitted_model')
+
 SETTINGS = dict(image_size=128, resize=128, transform='resize', pretrain_dim=256, target_dim=128,
                 batch_size=4)
 

@@ -15,6 +15,9 @@ from patchcore_jax import errors
 from patchcore_jax import experiment
 from patchcore_jax import predict_job
 
+# One worker runs this file's tests, so the module fixtures are fitted once.
+pytestmark = pytest.mark.xdist_group('predict_job')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -110,10 +113,13 @@ def test_glob_and_list_file_inputs(fitted, tmp_path):
   with pytest.raises(errors.UserError, match='already holds another run'):
     predict_job.run(_config(model, os.path.join(test_dir, 'chip', '000.png')),
                     str(tmp_path / 'glob'))
-  config = _config(model, os.path.join(test_dir, 'chip', '000.png'), overlays=False, masks=False)
+  config = _config(model, os.path.join(test_dir, 'chip', '000.png'), overlays=False, masks=False,
+                   save_maps=True)
   config.output.overwrite = True
   predict_job.run(config, str(tmp_path / 'glob'))
   assert [r['path'] for r in _rows(str(tmp_path / 'glob'))] == ['000.png']
+  assert os.listdir(tmp_path / 'glob' / 'maps') == ['000.npy']  # Nothing left of the first run.
+  assert np.load(tmp_path / 'glob' / 'maps' / '000.npy').shape == (128, 128)
   listing = tmp_path / 'list.txt'
   listing.write_text('# one path per line\n' + os.path.join(test_dir, 'good', '003.png') +
                      '\n\n' + os.path.join(test_dir, 'chip', '004.png') + '\n')

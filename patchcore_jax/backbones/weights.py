@@ -138,7 +138,7 @@ def cached_convert(source_path, name, convert, *, cache=''):
   target = os.path.join(cache_dir(cache), f'{name}-{digest}.npz')
   if not os.path.exists(target):
     flat = convert(source_path)
-    tmp = target + '.tmp.npz'
+    tmp = f'{target}.{os.getpid()}.tmp.npz'  # Unique: parallel processes may convert at once.
     np.savez(tmp, **flat)
     os.replace(tmp, target)
   with np.load(target, allow_pickle=False) as f:
