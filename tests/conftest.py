@@ -18,3 +18,9 @@ def shared_path(*parts):
   if not os.path.exists(path):
     pytest.fail(f'PATCHCORE_SHARED is set but {path} does not exist')
   return path
+
+
+def pytest_collection_modifyitems(items):
+  """The real-data tests run longest: start them first, so that with two workers (pytest -n 2)
+  neither is left running them alone at the end."""
+  items.sort(key=lambda item: 0 if item.path.name == 'test_real_data.py' else 1)
