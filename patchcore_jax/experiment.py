@@ -141,14 +141,14 @@ def calibrate_on_test(model, labels, image_scores, masks=None, maps=None):
   return model.replace(calibration=dataclasses.replace(cal, **changes)), test
 
 
-def run_category(config, backbone, split, workdir, key, no_mask=()):
+def run_category(config, backbone, split, workdir, key, no_mask=(), settings=None):
   """Fits PatchCore on `split.train`, evaluates on `split.test`; returns the results record.
 
   `no_mask`: defective test samples without a mask (from `data.check_split`), left out of the
-  pixel metrics and named in the record.
+  pixel metrics and named in the record. `settings`: from `validate_config` (derived if None).
   """
   dc = config.data
-  settings = settings_from_config(config)
+  settings = settings or settings_from_config(config)
   train = split.train[:dc.max_train_images] if dc.max_train_images > 0 else split.train
   logging.info('[%s] %d training, %d test images (%d anomalous)', split.name, len(train),
                len(split.test), sum(s.label for s in split.test))
@@ -289,7 +289,7 @@ def run(config, workdir):
   if config.data.name == 'synthetic' and not config.data.root:
     with config.unlocked():
       config.data.root = os.path.join(workdir, 'data')
-  validate_config(config)
+  settings = validate_config(config)
   splits = data_lib.get_splits(config.data)
   no_masks = {}
   for name, split in splits.items():
@@ -309,7 +309,8 @@ def run(config, workdir):
     results = {}
     for i, (name, split) in enumerate(splits.items()):
       key = jax.random.fold_in(jax.random.key(config.seed), i)
-      results[name] = run_category(config, backbone, split, workdir, key, no_masks[name])
+      results[name] = run_category(config, backbone, split, workdir, key, no_masks[name],
+                                   settings)
       results[name]['status'] = 'complete'
       workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
       workdir_lib.mark_done(workdir, status, name)

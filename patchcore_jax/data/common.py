@@ -54,21 +54,22 @@ def _truncated(path):
   return b'\xff\xd9' not in tail
 
 
-def _header_problem(path):
-  """None, or why the image file at `path` cannot be used (from its header and last bytes)."""
+def _read_header(path):
+  """(problem, None) when the image file at `path` cannot be used (from its header and last
+  bytes), else (None, its displayed (width, height))."""
   try:
     if os.path.getsize(path) == 0:
-      return 'empty file (0 bytes)'
+      return 'empty file (0 bytes)', None
     size = transforms.image_size_of(path)
   except transforms.ImageTooLarge as error:
-    return f'too many pixels to decode safely ({error})'
+    return f'too many pixels to decode safely ({error})', None
   except Exception as error:  # pylint: disable=broad-except
-    return f'not a readable image ({type(error).__name__}: {error})'
+    return f'not a readable image ({type(error).__name__}: {error})', None
   if min(size) < 1:
-    return f'has no pixels ({size[0]} x {size[1]})'
+    return f'has no pixels ({size[0]} x {size[1]})', None
   if _truncated(path):
-    return 'truncated (the file ends before its closing marker)'
-  return None
+    return 'truncated (the file ends before its closing marker)', None
+  return None, size
 
 
 def check_split(split, *, max_listed=20):
@@ -82,17 +83,15 @@ def check_split(split, *, max_listed=20):
   """
   problems = []
   for sample in list(split.train) + list(split.test):
-    problem = _header_problem(sample.path)
+    problem, image_size = _read_header(sample.path)
     if problem:
       problems.append(f'{sample.path}: {problem}')
       continue
     if sample.mask_path:
-      problem = _header_problem(sample.mask_path)
+      problem, mask_size = _read_header(sample.mask_path)
       if problem:
         problems.append(f'mask {sample.mask_path}: {problem}')
         continue
-      image_size = transforms.image_size_of(sample.path)
-      mask_size = transforms.image_size_of(sample.mask_path)
       if image_size != mask_size:
         problems.append(f'mask {sample.mask_path} is {mask_size[0]} x {mask_size[1]} pixels, '
                         f'its image {sample.path} is {image_size[0]} x {image_size[1]}')
