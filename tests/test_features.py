@@ -86,6 +86,54 @@ def test_patch_features_match_official_embed(channels, dims):
   np.testing.assert_allclose(np.asarray(ours).reshape(-1, dims[1]), ref.numpy(), atol=2e-5)
 
 
+@pytest.mark.parametrize('channels,patch_size,stride,dims', [
+    ((512, 1024), 3, 1, (1024, 1024)),  # WideResNet-50: half windows, whole windows.
+    ((512, 512), 3, 1, (1024, 1024)),  # VGG16.
+    ((48, 120), 3, 1, (1024, 1024)),  # EfficientNet-Lite2: 432 and 1080 values, overlapping bins.
+    ((24, 40, 16), 3, 1, (100, 64)),  # Three stages.
+    ((16, 24), 5, 1, (96, 51)),  # A final bin straddles the two stages.
+    ((16, 24), 1, 1, (100, 64)),
+    ((16, 24), 3, 2, (96, 51)),
+    ((10, 7), 7, 3, (256, 128))])
+def test_fast_patch_features_equal_the_unfolding(channels, patch_size, stride, dims):
+  """Box sums == unfold + adaptive pooling, to float32 rounding, for any channel count, window,
+  stride and pooling lengths (including final bins that straddle two stages: dims (96, 51))."""
+  rng = np.random.default_rng(sum(channels) + patch_size + stride)
+  sizes = [(10, 9), (5, 5), (3, 3)]
+  maps = [jnp.asarray(rng.standard_normal((2, *sizes[i], c)).astype(np.float32) + 0.5)
+          for i, c in enumerate(channels)]
+  kwargs = dict(patch_size=patch_size, stride=stride, pretrain_dim=dims[0], target_dim=dims[1])
+  fast = np.asarray(jax.jit(lambda m: features.patch_features(m, **kwargs))(maps))
+  literal = np.asarray(jax.jit(lambda m: features.unfold_patch_features(m, **kwargs))(maps))
+  assert fast.shape == literal.shape
+  np.testing.assert_allclose(fast, literal, rtol=2e-6, atol=2e-6 * np.abs(literal).max())
+
+
+def test_stage_plans_compose_the_final_pooling_where_bins_stay_inside_a_stage():
+  plans = features.stage_plans([512, 1024], patch_size=3, pretrain_dim=1024, target_dim=1024)
+  (ranges2, index2, weight2), (ranges3, index3, weight3) = plans
+  # layer2: output c = (first five + last five window entries of channel c) / 10, no gather.
+  assert ranges2 == ((0, 5), (4, 9)) and index2.shape == (512, 2)
+  np.testing.assert_array_equal(index2.reshape(-1), np.arange(1024))
+  np.testing.assert_allclose(weight2, 0.1)
+  # layer3: output j = whole windows of channels 2j and 2j + 1, / 18.
+  assert ranges3 == ((0, 9),) and index3.shape == (512, 2)
+  np.testing.assert_allclose(weight3, 1 / 18)
+  # 2 * 96 values pooled to 51 bins: bin 25 averages values 94..97, across the two stages.
+  assert features.stage_plans([8, 8], patch_size=3, pretrain_dim=96, target_dim=51) is None
+  assert features.stage_plans([8, 8], patch_size=3, pretrain_dim=96, target_dim=50) is not None
+
+
+@pytest.mark.parametrize('channels,out', [(512, 1024), (48, 1024), (7, 5), (3, 100)])
+def test_neighbourhood_pool_matches_torch_unfold_and_pool(channels, out):
+  x = torch.randn(2, channels, 6, 5)
+  ref = F.adaptive_avg_pool1d(F.unfold(x, kernel_size=3, padding=1).permute(0, 2, 1).reshape(
+      -1, 1, channels * 9), out)[:, 0]
+  ours = features.neighbourhood_pool(_nhwc(x), patch_size=3, out_size=out)
+  np.testing.assert_allclose(np.asarray(ours).reshape(-1, out), ref.numpy(), rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_normalize():
   x = jnp.ones((1, 2, 2, 3)) * 0.5
   out = np.asarray(features.normalize(x))[0, 0, 0]
