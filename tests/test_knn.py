@@ -101,6 +101,30 @@ def test_screened_search_matches_brute_force():
   np.testing.assert_array_equal(idx, knn.batch_nearest_neighbours(jnp.asarray(queries), plain)[1])
 
 
+@pytest.mark.parametrize('screen_dim', [8, 33, 49])
+def test_screen_bound_is_below_every_distance(screen_dim):
+  """q_term + key <= ||q - b||^2 for every pair (float64 truth), with principal directions that
+  make it tight; screen_dim 49 keeps all 48 directions (residual 0)."""
+  rng = np.random.default_rng(7)
+  mix = rng.normal(size=(6, 48))
+  bank_features = (rng.normal(size=(700, 6)) @ mix + 0.3 * rng.normal(size=(700, 48)) + 2.0)
+  queries = rng.normal(size=(90, 6)) @ mix + 0.3 * rng.normal(size=(90, 48)) + 2.0
+  bank = knn.prepare_bank(bank_features.astype(np.float32), block_size=32, screen=True,
+                          screen_min_rows=0, screen_dim=screen_dim)
+  assert bank.screen_t.shape[0] == min(screen_dim, 49)
+  q32 = queries.astype(np.float32)
+  q_screen, q_sq = knn.screen_vectors(jnp.asarray(q32), bank.screen_mean, bank.screen_basis)
+  q_term = (1 - knn.SCREEN_SLACK) * q_sq
+  dots = np.asarray(jnp.dot(q_screen.astype(jnp.bfloat16), bank.screen_t,
+                            preferred_element_type=jnp.float32))
+  bound = np.asarray(q_term)[:, None] + np.asarray(bank.screen_norm)[None, :700] - 2 * dots[:, :700]
+  b32 = bank_features.astype(np.float32).astype(np.float64)
+  truth = ((q32.astype(np.float64)[:, None] - b32[None]) ** 2).sum(-1)
+  assert np.all(bound <= truth), (bound - truth).max()
+  tightness = np.median(bound / truth)
+  assert tightness > (0.95 if screen_dim == 8 else 0.98), tightness
+
+
 def test_screen_certifies_only_true_winners():
   """With one candidate many queries are left uncertified; every certified one is right."""
   queries, bank_features = _data(p=200, m=700, d=48, seed=4)
@@ -113,31 +137,33 @@ def test_screen_certifies_only_true_winners():
   np.testing.assert_array_equal(np.asarray(index)[certified], ref_i[0, certified, 0])
 
 
-@pytest.mark.parametrize('num_near', [2, 40])
-def test_screened_search_exact_on_near_duplicates(num_near):
-  """Rows closer together than bfloat16 resolves (but float32 does): the fallback decides.
+@pytest.mark.parametrize('num_near,tier', [(2, 1), (8, 2), (40, 3)])
+def test_screened_search_exact_on_near_duplicates(num_near, tier):
+  """Rows closer together than the screen resolves (but float32 does): the fallback decides.
 
-  2 near-duplicate clusters leave a few queries uncertified (the per-query fallback); 40 leave
-  more than N/16 (the full fallback). Either way the answer is the float64 nearest row.
+  With 3 candidates, 2 near-duplicate clusters leave at most N/64 queries uncertified (the
+  smallest fallback, tier 1), 8 leave at most N/16 (tier 2), 40 more (every query searched
+  again, tier 3). Either way the answer is the float64 nearest row.
   """
   rng = np.random.default_rng(5)
   d = 32
   bank_features = rng.normal(size=(600, d)).astype(np.float32)
   centres = rng.choice(600, num_near, replace=False)
   # Rows 600 + 6j .. 600 + 6j + 5 lie about 0.06 from row centres[j] (norms ~5.7): their
-  # distances to a query 0.17 away differ by ~1e-2, far above float32's error (~1e-5) and far
-  # below the bfloat16 screen's bound (~0.1).
+  # distances to a query 0.17 away differ by ~1e-2, far above float32's error (~1e-5) and below
+  # the screen's slack (~0.5).
   for c in centres:
     near = bank_features[c] + 1e-2 * rng.normal(size=(6, d))
     bank_features = np.concatenate([bank_features, near.astype(np.float32)])
   queries = bank_features[centres][None] + 3e-2 * rng.normal(size=(1, num_near, d))
-  queries = np.concatenate([queries, rng.normal(size=(1, 60, d))], axis=1).astype(np.float32)
+  queries = np.concatenate([queries, rng.normal(size=(1, 200, d))], axis=1).astype(np.float32)
   bank = _screened_bank(bank_features)
   flat = jnp.asarray(queries[0])
-  _, _, certified = knn._screen_block(flat, bank, candidates=2)  # pylint: disable=protected-access
-  failed, few = int(np.sum(~np.asarray(certified))), flat.shape[0] // 16
-  assert (1 <= failed <= few) if num_near == 2 else (failed > few), (failed, few)
-  dist, idx = knn.screened_nearest_neighbour(flat, bank, candidates=2)
+  n = flat.shape[0]
+  _, _, certified = knn._screen_block(flat, bank, candidates=3)  # pylint: disable=protected-access
+  failed = int(np.sum(~np.asarray(certified)))
+  assert 1 + np.searchsorted([n // 64, n // 16], failed) == tier, (failed, n)
+  dist, idx = knn.screened_nearest_neighbour(flat, bank, candidates=3)
   ref_d, ref_i = _brute(queries, bank_features, 1)
   np.testing.assert_array_equal(np.asarray(idx)[:, 0], ref_i[0, :, 0])
   # The fallback scan's ||q||^2 - 2 q.b + ||b||^2 carries float32 cancellation (~1e-6 ||q||^2).
@@ -155,8 +181,8 @@ def test_screened_search_blocks_queries_and_small_banks_use_the_scan():
   small = knn.prepare_bank(bank_features[:200], block_size=32, screen=True, screen_min_rows=0)
   assert not knn.uses_screen(small)  # 7 blocks
   forced = knn.prepare_bank(bank_features[:200], block_size=32)._replace(
-      screen_t=bank.screen_t[:, :224], screen_err=bank.screen_err[:224],
-      screen_norm=bank.screen_norm[:224])  # A screening copy on 7 blocks, made by hand.
+      screen_t=bank.screen_t[:, :224], screen_norm=bank.screen_norm[:224],
+      screen_basis=bank.screen_basis, screen_mean=bank.screen_mean)  # 7 blocks, made by hand.
   with pytest.raises(ValueError, match='at least 9 bank blocks'):
     knn.screened_nearest_neighbour(flat, forced)
   assert not knn.uses_screen(knn.prepare_bank(bank_features, block_size=32, screen=True))  # < 4096
