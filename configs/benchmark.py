@@ -5,19 +5,22 @@ r"""Benchmark mode: every stage timed under jit and eagerly, against the machine
 Random weights and generated inputs (nothing to download). Writes DIR/benchmark.json and
 DIR/benchmark.md; see patchcore_jax/benchmark.py for what each row measures. Arguments: backbone
 (any name in patchcore_jax.backbones.NAMES) and size=full|tiny (tiny: a seconds-long smoke run).
+Optional rows: `pip install faiss-cpu==1.15.1`; torch (the official coreset loop) and torch
+2.14.1 + torchvision 0.29.1 (ResNet forward). With a saved model and images, the kNN rows also
+run on that model's bank and those images' patches:
+  --config.knn.model=WORKDIR/models/bottle --config.knn.images=$R/bottle/test
+and with a dataset root the whole experiment runs once and reports where its wall clock went
+(vgg16 and efficientnet_lite2 have installable weights; ResNets need a checkpoint):
+  --config.end_to_end.data.root=$R   (MVTec bottle, this backbone, 10 %)
 
-Expected on a 2-core AMD EPYC (AVX-512), JAX 0.10.2 CPU, wide_resnet50_2 (README has the table),
-about 13 minutes: backbone 121 ms/img under jit (torchvision eager in the same process 125 ms);
-kNN over the 10 % bottle coreset 109 ms/img screened (knn_screened), 147 ms float32 scan, faiss
-IndexFlatL2 143 ms; 4x bank 10 %: 407 / 631 / 548 ms; one greedy-coreset iteration over the
-bottle bank 2.5-2.9 ms, at or below the time to read its projection once; peak RSS of the
-bottle-bank fit about 1.2 GiB. Optional rows: `pip install faiss-cpu==1.15.1`; torch 2.14.1 +
-torchvision 0.29.1.
+Expected on a 2-core AMD EPYC (AVX-512), JAX 0.10.2 CPU, wide_resnet50_2: see the README's
+Benchmark mode table (measured with this config).
 """
 import ml_collections
 
 from patchcore_jax import backbones
 from configs import common
+from configs import mvtec
 
 
 def get_config(arg=None):
@@ -30,9 +33,11 @@ def get_config(arg=None):
   config.size = args['size']  # full | tiny (recorded for the command line in benchmark.md).
   config.seed = 0
   # Which stages to run (patchcore_jax.benchmark.PARTS); e.g. --config.parts="('backbone',)".
-  config.parts = ('preprocess', 'backbone', 'embed', 'memory_bank', 'anomaly_maps', 'bank')
+  config.parts = ('decode', 'backbone', 'embed', 'memory_bank', 'anomaly_maps', 'bank',
+                  'end_to_end')
   config.image_size = 64 if tiny else 224  # Network input side.
-  config.raw_size = 80 if tiny else 900  # Side of the generated uint8 images (MVTec bottle: 900).
+  config.raw_size = 80 if tiny else 900  # Side of the generated PNG files (MVTec bottle: 900).
+  config.decode_workers = 2  # Threads of the 'decode' part's pipeline row (as data.num_workers).
   config.resize = 72 if tiny else 256  # Shorter side before the centre crop.
   config.batch_size = 2 if tiny else 8  # Images per call; per-image rows divide by it.
   config.memory_bank_images = 4 if tiny else 32  # Images pushed through the memory-bank build.
@@ -59,6 +64,11 @@ def get_config(arg=None):
   config.knn.block_size = 128
   config.knn.precision = 'highest'
   config.knn.screen = True  # Time the screened search too (k=1), beside the float32 scan.
+  config.knn.model = ''  # A saved model directory: kNN rows on its bank too ...
+  config.knn.images = ''  # ... with the patch features of the first batch of these images.
+
+  # The whole experiment, run once when end_to_end.data.root is set (MVTec layout).
+  config.end_to_end = mvtec.get_config(f'category=bottle,backbone={args["backbone"]}')
 
   config.timing = ml_collections.ConfigDict()
   config.timing.repeats = 3 if tiny else 7  # Timed calls per jit row (after one warm-up).
@@ -70,6 +80,6 @@ def get_config(arg=None):
 
   config.compare = ml_collections.ConfigDict()
   config.compare.faiss = True  # faiss-cpu IndexFlatL2 rows, when faiss is installed.
-  config.compare.torch = True  # torchvision eager rows (ResNets), when torchvision imports.
+  config.compare.torch = True  # torch rows (official coreset loop; torchvision ResNets), if importable.
   config.lock()
   return config

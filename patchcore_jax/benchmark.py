@@ -2,108 +2,60 @@
 
   python launch.py --config=configs/benchmark.py:backbone=wide_resnet50_2 --workdir=DIR
 
-Random weights and generated inputs, so it runs anywhere. For every stage and size it records the
-compile time (`jax.jit(f).lower(...).compile()`, separately), the steady state of the compiled
-function over repeated calls (after a warm-up; inputs already on the device; every call ends in
-`block_until_ready()`), and the same stage under `jax.disable_jit()` ('eager'). In the same process
-it measures the machine's limits for the same work: a plain `jnp.dot` of the kNN's and the
-projection's shapes, and the fastest of three ways to read the projected bank once (the bytes one
-greedy-coreset iteration reads). Side by side, what users would otherwise run: faiss-cpu
-`IndexFlatL2` for the kNN (optional), a plain numpy greedy loop for the coreset, and torchvision in
-torch eager mode for ResNet backbones (optional).
+Random weights and generated inputs, so it runs anywhere. Every stage is timed through the
+library's public functions with the harness in `patchcore_jax.timing`: compile time apart from
+the steady state of the compiled function (after a warm-up; every call waited for), and the same
+stage under `jax.disable_jit()` ('eager'). In the same process it measures the machine's limits
+for the same work (a plain `jnp.dot` of the kNN's and the projection's shapes; the fastest of
+three ways to read the projected bank once, the bytes one greedy-coreset iteration reads) and
+what users would otherwise run: faiss-cpu `IndexFlatL2` for the kNN (optional), the official
+code's greedy-coreset iteration in torch (optional) and a plain numpy loop, torchvision eager
+for ResNet backbones (optional), and the literal unfold-and-pool patch embedding.
 
-Outputs in DIR: `benchmark.json` (a list of records, see `Record`), `benchmark.md` (the table with
-the machine and command) and `config.json`.
+Stages: 'decode' (the host path the pipeline runs: PNG files of the raw size decoded, resized
+and cropped with PIL, alone and in the pipeline's worker threads), 'backbone', 'embed',
+'memory_bank', 'anomaly_maps', 'bank' (projection, coreset and kNN over generated banks; with
+`knn.model` also over a saved model's bank and the features of `knn.images`), 'end_to_end' (with
+`end_to_end.data.root`: the whole experiment run as the launcher runs it, and where its wall
+clock went).
+
+Outputs in DIR: `benchmark.json` (a list of `timing.Record`), `benchmark.md` (the table with the
+machine and command) and `config.json`.
 """
 import dataclasses
 import functools
-import inspect
+import glob
 import json
 import os
-import platform
-import resource
+import tempfile
 import time
-from typing import Optional
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
+from PIL import Image
 
 from patchcore_jax import backbones
 from patchcore_jax import coreset
+from patchcore_jax import experiment
 from patchcore_jax import features as features_lib
 from patchcore_jax import knn
 from patchcore_jax import patchcore
+from patchcore_jax import saving
 from patchcore_jax import scoring
+from patchcore_jax import timing
+from patchcore_jax import workdir as workdir_lib
+from patchcore_jax.data import common as data_common
+from patchcore_jax.data import transforms
 
-
-# What `config.parts` can select; 'bank' is projection, coreset and kNN over generated banks.
-PARTS = ('preprocess', 'backbone', 'embed', 'memory_bank', 'anomaly_maps', 'bank')
-
-
-@dataclasses.dataclass
-class Record:
-  """One timed (stage, mode, size). Seconds are per call unless `size` says per image/iteration.
-
-  limit_seconds: the machine-limit time for the same work, measured in the same process.
-  efficiency: limit_seconds / median_seconds.
-  note: how the row was measured, when that is not obvious (e.g. iterations timed).
-  """
-  stage: str
-  mode: str  # 'jit' | 'eager' | 'faiss' | 'numpy' | 'torch' | 'limit'
-  size: str
-  compile_seconds: Optional[float]
-  median_seconds: float
-  min_seconds: float
-  max_seconds: float
-  limit_seconds: Optional[float] = None
-  efficiency: Optional[float] = None
-  note: str = ''
-
-
-def _call_times(fn, args, *, repeats, warmup=1, per=1.0):
-  """Wall times of `repeats` calls of fn(*args), each blocked until ready, divided by `per`."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) / per)
-  return times
-
-
-def compile_fn(fn, args):
-  """(compiled, seconds) for `jax.jit(fn)` lowered and compiled at `args`."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  return compiled, time.perf_counter() - start
-
-
-def _record(stage, mode, size, times, *, compile_seconds=None, limit=None, note=''):
-  median = float(np.median(times))
-  return Record(stage, mode, size, compile_seconds, median, float(min(times)), float(max(times)),
-                limit, None if limit is None else limit / median, note)
-
-
-def time_jit(stage, size, fn, args, *, repeats, per=1.0, limit=None, note=''):
-  """Compile once (timed), then time the compiled function."""
-  compiled, seconds = compile_fn(fn, args)
-  times = _call_times(compiled, args, repeats=repeats, per=per)
-  return _record(stage, 'jit', size, times, compile_seconds=seconds, limit=limit, note=note)
-
-
-def time_eager(stage, size, fn, args, *, repeats, per=1.0, limit=None, note=''):
-  """fn(*args) op by op under `jax.disable_jit()` (one warm-up call first)."""
-  with jax.disable_jit():
-    times = _call_times(fn, args, repeats=repeats, per=per)
-  return _record(stage, 'eager', size, times, limit=limit, note=note)
+PARTS = ('decode', 'backbone', 'embed', 'memory_bank', 'anomaly_maps', 'bank', 'end_to_end')
+Record = timing.Record  # The records' type (kept importable from here).
 
 
 def read_seconds(x, *, repeats):
-  """Median seconds of the fastest of three kernels that read all of x [d, N] once."""
+  """(kernel name, median seconds) of the fastest of three kernels that read all of x once."""
   kernels = {
       'sum': jnp.sum,
       'max': jnp.max,
@@ -112,8 +64,8 @@ def read_seconds(x, *, repeats):
   }
   best = None
   for name, kernel in kernels.items():
-    compiled, _ = compile_fn(kernel, (x,))
-    median = float(np.median(_call_times(compiled, (x,), repeats=repeats)))
+    compiled, _ = timing.compile_fn(kernel, (x,))
+    median = float(np.median(timing.call_times(compiled, (x,), repeats=repeats)))
     if best is None or median < best[1]:
       best = (name, median)
   return best
@@ -121,18 +73,9 @@ def read_seconds(x, *, repeats):
 
 def dot_seconds(a, b, *, repeats):
   """Median seconds of a plain `a @ b.T` (float32, 'highest') with the arguments on the device."""
-  compiled, _ = compile_fn(lambda x, y: jnp.dot(x, y.T, precision=lax.Precision.HIGHEST), (a, b))
-  return float(np.median(_call_times(compiled, (a, b), repeats=repeats)))
-
-
-def peak_rss_bytes():
-  """Peak resident memory of this process so far (Linux reports KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rss_bytes():
-  with open('/proc/self/statm') as f:
-    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+  compiled, _ = timing.compile_fn(
+      lambda x, y: jnp.dot(x, y.T, precision=lax.Precision.HIGHEST), (a, b))
+  return float(np.median(timing.call_times(compiled, (a, b), repeats=repeats)))
 
 
 def numpy_greedy(points, norms, min_dist, *, iterations):
@@ -146,31 +89,163 @@ def numpy_greedy(points, norms, min_dist, *, iterations):
   return selected
 
 
-def eager_greedy(projected_t, norms, min_dist, *, iterations):
-  """`iterations` of the library's loop body, called one by one (for eager timing)."""
-  carry = (min_dist, jnp.zeros((iterations,), jnp.int32))
-  for i in range(iterations):
-    carry = coreset._greedy_body(i, carry, projected_t=projected_t, norms=norms,  # pylint: disable=protected-access
-                                 precision=lax.Precision.HIGHEST)
-  return carry
+def official_greedy(points, init_dist, *, iterations):
+  """The official `ApproximateGreedyCoresetSampler` loop in torch eager, on points [N, d]: per
+  iteration the argmax, the selected point's distances to every point through batched dot
+  products (norms recomputed each time, as there), and a minimum over [N, 2]. Returns indices."""
+  import torch  # pylint: disable=g-import-not-at-top
+  x = torch.from_numpy(np.ascontiguousarray(points))
+  dist = torch.from_numpy(np.sqrt(np.asarray(init_dist, np.float32))).reshape(-1, 1)
+  selected = []
+  with torch.no_grad():
+    for _ in range(iterations):
+      i = int(torch.argmax(dist).item())
+      selected.append(i)
+      pick = x[i:i + 1]
+      xx = x.unsqueeze(1).bmm(x.unsqueeze(2)).reshape(-1, 1)
+      pp = pick.unsqueeze(1).bmm(pick.unsqueeze(2)).reshape(1, -1)
+      new = (-2 * x.mm(pick.T) + xx + pp).clamp(0, None).sqrt()
+      dist = torch.min(torch.cat([dist, new], dim=-1), dim=1).values.reshape(-1, 1)
+  return selected
 
 
-def _mb(num_bytes):
-  return f'{num_bytes / 2**20:.0f} MiB'
+def generated_pngs(directory, *, count, size, seed):
+  """`count` smooth RGB PNG files of size x size (gradients, blobs and mild noise, which compress
+  and decode like photographs rather than like white noise). Returns their paths."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  paths = []
+  for i in range(count):
+    channels = []
+    for _ in range(3):
+      cx, cy, r = rng.random(3)
+      blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (0.02 + 0.1 * r))
+      channels.append(0.4 * blob + 0.3 * xx * rng.random() + 0.3 * yy * rng.random())
+    image = np.stack(channels, -1) * 230 + rng.normal(0, 3, (size, size, 3))
+    path = os.path.join(directory, f'{i:03d}.png')
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+    paths.append(path)
+  return paths
 
 
-def machine_description():
-  model = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          model = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return (f'{model}, {os.cpu_count()} CPU cores, JAX {jax.__version__} on '
-          f'{jax.devices()[0].platform}, Python {platform.python_version()}')
+def bench_decode(config):
+  """The host image path: PIL decode, resize, crop of PNG files, alone and in worker threads."""
+  t = config.timing
+  image_config = dict(resize=config.resize, image_size=config.image_size,
+                      transform='resize_crop')
+  with tempfile.TemporaryDirectory() as directory:
+    paths = generated_pngs(directory, count=2 * config.batch_size, size=config.raw_size,
+                           seed=config.seed)
+    size = (f'{config.raw_size}px PNG -> {config.image_size}px (resize {config.resize}, crop), '
+            f'per image')
+    load_all = lambda: [transforms.load_image(p, **image_config) for p in paths]
+    workers = config.decode_workers
+    threads = lambda: list(data_common.iterate_batches(
+        paths, batch_size=config.batch_size, image_config=image_config, num_workers=workers))
+    return [
+        timing.time_host('decode', 'host', size, load_all, repeats=t.eager_repeats,
+                         per=len(paths), note='data.transforms.load_image, one thread'),
+        timing.time_host('decode', f'{workers} threads', size, threads, repeats=t.eager_repeats,
+                         per=len(paths), note=f'data.iterate_batches with {workers} workers, '
+                         'as fit and predict read files'),
+    ]
+
+
+def bench_embed(config, stage_maps):
+  """Patch features from stage outputs: ours (jit, eager) and the literal unfold-and-pool."""
+  t = config.timing
+  b = config.batch_size
+  kwargs = dict(patch_size=config.features.patch_size, pretrain_dim=config.features.pretrain_dim,
+                target_dim=config.features.target_dim)
+  fast = functools.partial(features_lib.patch_features, **kwargs)
+  literal = functools.partial(features_lib.unfold_patch_features, **kwargs)
+  shapes = ' + '.join('x'.join(map(str, m.shape[1:])) for m in stage_maps)
+  size = f'{shapes} -> {config.features.target_dim}, per image (batch {b})'
+  difference = float(jnp.max(jnp.abs(jax.jit(fast)(stage_maps) - jax.jit(literal)(stage_maps))))
+  unfold = timing.time_jit('embed', size, literal, (stage_maps,), repeats=t.repeats, per=b,
+                           note='features.unfold_patch_features (unfold every neighbourhood, '
+                           'pool), jitted')
+  return [
+      timing.time_jit('embed', size, fast, (stage_maps,), repeats=t.repeats, per=b,
+                      note=f'features.patch_features (box sums); max |difference| to the '
+                      f'unfolding {difference:.2g}'),
+      timing.time_eager('embed', size, fast, (stage_maps,), repeats=t.eager_repeats, per=b),
+      dataclasses.replace(unfold, mode='unfold'),
+  ]
+
+
+def bench_backbone(config):
+  """Backbone, patch embedding, memory-bank build and anomaly maps on generated images."""
+  t = config.timing
+  b, s = config.batch_size, config.image_size
+  rng = np.random.default_rng(config.seed)
+  parts = set(config.parts)
+  records = []
+  backbone = backbones.load_backbone(config.backbone.name, stages=config.backbone.stages,
+                                     random_seed=config.seed)
+  if config.backbone.fold_batchnorm:
+    backbone = backbones.fold_batchnorm(backbone)
+  images = features_lib.normalize(jnp.asarray(rng.random((b, s, s, 3), dtype=np.float32)))
+  size = f'{s}px to {"+".join(backbone.stages)}, per image (batch {b})'
+  if 'backbone' in parts:
+    records.append(timing.time_jit('backbone', size, backbone.model.apply,
+                                   (backbone.variables, images), repeats=t.repeats, per=b))
+    records.append(timing.time_eager('backbone', size, backbone.model.apply,
+                                     (backbone.variables, images), repeats=t.eager_repeats,
+                                     per=b))
+    if config.compare.torch:
+      records.extend(bench_torch_backbone(config, backbone, per=b))
+
+  maps = jax.jit(backbone.apply)(images)
+  stage_maps = [maps[name] for name in backbone.stages]
+  if 'embed' in parts:
+    records.extend(bench_embed(config, stage_maps))
+
+  # Memory bank: images -> backbone -> embedding -> host bank, as at fit time.
+  if 'memory_bank' in parts:
+    embed_fn = features_lib.make_embed_fn(backbone, patch_size=config.features.patch_size,
+                                          pretrain_dim=config.features.pretrain_dim,
+                                          target_dim=config.features.target_dim)
+    num = config.memory_bank_images
+    unit = rng.random((b, s, s, 3), dtype=np.float32)
+    batches = [(unit, min(b, num - i)) for i in range(0, num, b)]
+    _, compile_seconds = timing.compile_fn(embed_fn, (unit,))
+    build = lambda: patchcore.build_memory_bank(embed_fn, batches, num_images=num)
+    size = f'{num} images of {s}px, per image'
+    record = timing.time_host('memory_bank', 'jit', size, build, repeats=t.repeats, per=num,
+                              note='backbone + embedding + copy into the host bank')
+    records.append(dataclasses.replace(record, compile_seconds=compile_seconds))
+    with jax.disable_jit():
+      count = batches[0][1]
+      records.append(timing.time_host(
+          'memory_bank', 'eager', size,
+          lambda: patchcore.build_memory_bank(embed_fn, batches[:1], num_images=count),
+          repeats=t.eager_repeats, per=count, note=f'{count} images timed'))
+
+  grid = stage_maps[0].shape[1:3]
+  grid_scores = jax.device_put(rng.random((b,) + grid, dtype=np.float32))
+  fn = functools.partial(scoring.anomaly_maps, size=(s, s), sigma=4.0)
+  size = f'{grid[0]}x{grid[1]} -> {s}x{s}, sigma 4, per image (batch {b})'
+  if 'anomaly_maps' in parts:
+    records.append(timing.time_jit('anomaly_maps', size, fn, (grid_scores,), repeats=t.repeats,
+                                   per=b))
+    records.append(timing.time_eager('anomaly_maps', size, fn, (grid_scores,),
+                                     repeats=t.eager_repeats, per=b))
+  return records
+
+
+def structured_bank(rows, dim, *, rng, rank=64, noise=0.05):
+  """A generated host bank [rows, dim] (64-byte aligned, as `patchcore.empty_host_bank`) whose
+  variance lies mostly in `rank` directions, as CNN patch features' does (MVTec bottle banks:
+  99.3-99.9 % in 511 directions), filled in blocks."""
+  bank = patchcore.empty_host_bank(rows, dim)
+  mix = rng.standard_normal((rank, dim), dtype=np.float32) / np.sqrt(rank)
+  for start in range(0, rows, 65536):
+    stop = min(start + 65536, rows)
+    block = rng.standard_normal((stop - start, rank), dtype=np.float32) @ mix
+    block += noise * rng.standard_normal((stop - start, dim), dtype=np.float32)
+    bank[start:stop] = block
+  return bank
 
 
 def bench_bank_and_coreset(config, *, patches_per_image, dim, rng):
@@ -179,9 +254,8 @@ def bench_bank_and_coreset(config, *, patches_per_image, dim, rng):
   for scale in config.bank.scales:
     n = config.bank.num_images * patches_per_image * scale
     label = f'{config.bank.num_images * scale} img x {patches_per_image} x {dim} ({n:,} rows)'
-    rss_before = rss_bytes()
-    bank = patchcore.empty_host_bank(n, dim)  # [N, D] host memory bank, as build_memory_bank's.
-    rng.standard_normal(dtype=np.float32, out=bank)
+    rss_before = timing.rss_bytes()
+    bank = structured_bank(n, dim, rng=rng)  # [N, D] host memory bank, as build_memory_bank's.
     if scale == config.bank.scales[0]:
       # The fit's memory: the library's own subsampling of the host bank (projection, initial
       # distances, greedy loop, selected rows), before any other copy is made.
@@ -191,96 +265,104 @@ def bench_bank_and_coreset(config, *, patches_per_image, dim, rng):
                           projection_dim=config.bank.projection_dim)
       memory = {'bank_rows': n, 'bank_bytes': bank.nbytes, 'percentage': percentage,
                 'projection_bytes': n * config.bank.projection_dim * 4,
-                'rss_before_bank_bytes': rss_before, 'peak_rss_bytes': peak_rss_bytes(),
+                'rss_before_bank_bytes': rss_before, 'peak_rss_bytes': timing.peak_rss_bytes(),
                 'subsample_seconds': time.perf_counter() - start}
     projection_records, projected_t = bench_projection(config, bank, label=label)
     records += projection_records
     records += bench_coreset(config, projected_t, label=label)
     del projected_t
-    # kNN per image over coresets of this bank.
-    queries = jax.device_put(
-        rng.standard_normal((config.batch_size, patches_per_image, dim), dtype=np.float32))
+    # kNN per image over coresets of this bank; queries are rows of the same distribution.
+    queries = jax.device_put(structured_bank(config.batch_size * patches_per_image, dim,
+                                             rng=rng).reshape(config.batch_size,
+                                                              patches_per_image, dim))
     for percentage in config.bank.percentages:
       m = int(n * percentage)
       records.extend(bench_knn(config, bank[:m], queries, label=f'{m:,}-row bank '
-                               f'({percentage:.0%} of {n:,})'))
+                               f'({percentage:.0%} of {n:,}, generated)'))
     del bank
   return records, memory
 
 
 def bench_projection(config, bank, *, label):
-  """Host bank [N, D] -> device [d, N], block by block. -> (records, the projection)."""
+  """Host bank [N, D] -> device [d, N] (`coreset.project`). -> (records, the projection)."""
   t = config.timing
   n, dim = bank.shape
   matrix = coreset.random_projection(jax.random.key(config.seed), dim, config.bank.projection_dim)
-  block = inspect.signature(coreset.project).parameters['block_size'].default
-  block_args = (np.zeros((min(block, n), dim), np.float32), matrix)
-  _, compile_seconds = compile_fn(coreset._project_block, block_args)  # pylint: disable=protected-access
   limit = dot_seconds(jax.device_put(bank), matrix.T, repeats=t.repeats)
   project = lambda: coreset.project(bank, matrix)
-  times = _call_times(project, (), repeats=t.repeats)
+  start = time.perf_counter()
+  jax.block_until_ready(project())
+  first = time.perf_counter() - start
+  record = timing.time_host('projection', 'jit', label, project, repeats=t.repeats)
   flops = 2 * n * dim * config.bank.projection_dim
-  records = [_record('projection', 'jit', label, times, compile_seconds=compile_seconds,
-                     limit=limit, note=f'limit: the same dot on a device-resident bank, '
-                     f'{flops / limit / 1e9:.0f} GFLOP/s; ours reads the host bank in blocks of '
-                     f'{block} rows')]
+  records = [dataclasses.replace(
+      record, compile_seconds=max(first - record.median_seconds, 0.0), limit_seconds=limit,
+      efficiency=limit / record.median_seconds,
+      note=f'coreset.project, reading the host bank in blocks; compile: first call minus the '
+      f'median; limit: the same dot on a device-resident bank, {flops / limit / 1e9:.0f} GFLOP/s')]
   with jax.disable_jit():
-    times = _call_times(project, (), repeats=t.eager_repeats)
-  records.append(_record('projection', 'eager', label, times, limit=limit))
+    times = timing.call_times(project, (), repeats=t.eager_repeats)
+  records.append(timing.record('projection', 'eager', label, times, limit=limit))
   return records, project()
 
 
 def bench_coreset(config, projected_t, *, label):
-  """Greedy coreset over projected_t [d, N], seconds per iteration: jit per percentage, eager
-  and numpy once (the work per iteration does not depend on the percentage)."""
+  """Greedy coreset over projected_t [d, N], seconds per iteration: jit per percentage, eager,
+  numpy and the official loop once (the work per iteration does not depend on the percentage)."""
   t = config.timing
   d, n = projected_t.shape
   init = coreset.initial_distances(projected_t, jax.random.key(1))
-  norms = coreset.squared_norms_jit(projected_t)
   read_kernel, read_limit = read_seconds(projected_t, repeats=max(t.repeats, 10))
-  records = [_record('read_bandwidth', 'limit', f'[{d}, {n:,}] f32 ({_mb(projected_t.nbytes)})',
-                     [read_limit], note=f'{projected_t.nbytes / read_limit / 1e9:.1f} GB/s '
-                     f'({read_kernel}, fastest of sum/max/ones-matvec)')]
-  chunk = functools.partial(coreset._greedy_chunk, precision='highest')  # pylint: disable=protected-access
+  records = [timing.record('read_bandwidth', 'limit',
+                           f'[{d}, {n:,}] f32 ({projected_t.nbytes / 2**20:.0f} MiB)',
+                           [read_limit], note=f'{projected_t.nbytes / read_limit / 1e9:.1f} GB/s '
+                           f'({read_kernel}, fastest of sum/max/ones-matvec)')]
   sizes = []
   for percentage in config.bank.percentages:
     num_samples = int(n * percentage)
     iters = min(num_samples, t.coreset_iterations)
-    compiled, compile_seconds = compile_fn(
-        chunk, (projected_t, norms, init, jnp.zeros((num_samples,), jnp.int32), 0, iters))
-
-    def run_loop(stop, compiled=compiled, num_samples=num_samples):
-      min_dist = jnp.array(init)  # Donated by the loop: a fresh copy per call, made untimed.
-      selected = jnp.zeros((num_samples,), jnp.int32)
-      jax.block_until_ready((min_dist, selected))
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(projected_t, norms, min_dist, selected, 0, stop))
-      return time.perf_counter() - start
-
-    run_loop(min(iters, 10))  # Warm-up (bounds are traced: the same executable).
-    times = [run_loop(iters) / iters for _ in range(t.coreset_repeats)]
+    loop = lambda iters=iters: coreset.greedy_coreset_loop(projected_t, init, num_samples=iters)
+    start = time.perf_counter()
+    jax.block_until_ready(loop())  # Compiles (the bounds are traced: one program per shape).
+    first = time.perf_counter() - start
+    times = timing.call_times(loop, (), repeats=t.coreset_repeats, warmup=0, per=iters)
     sizes.append(f'{label}, {percentage:.0%} ({num_samples:,} iterations)')
     timed = (f'first {iters:,} of {num_samples:,} iterations timed' if iters < num_samples
              else 'all iterations timed')
-    records.append(_record(
-        'coreset', 'jit', sizes[-1], times, compile_seconds=compile_seconds, limit=read_limit,
-        note=f'every iteration reads the whole projected bank, so its cost does not depend on '
-             f'the iteration; {timed}; the whole coreset takes about '
-             f'{_fmt(num_samples * np.median(times))}'))
+    records.append(timing.record(
+        'coreset', 'jit', sizes[-1], times, compile_seconds=max(first - iters * np.median(times),
+                                                                0.0), limit=read_limit,
+        note=f'coreset.greedy_coreset_loop; every iteration reads the whole projected bank, so '
+             f'its cost does not depend on the iteration; {timed}; the whole coreset takes about '
+             f'{timing.format_seconds(num_samples * np.median(times))}'))
   # Labelled as the first percentage's jit row, so that the table compares them.
   eager_iters = t.coreset_eager_iterations
   with jax.disable_jit():
-    times = _call_times(lambda: eager_greedy(projected_t, norms, init, iterations=eager_iters),
-                        (), repeats=t.eager_repeats, per=eager_iters)
-  records.append(_record('coreset', 'eager', sizes[0], times, limit=read_limit,
-                         note=f'{eager_iters} iterations of the loop body timed'))
+    times = timing.call_times(
+        lambda: coreset.greedy_coreset_loop(projected_t, init, num_samples=eager_iters), (),
+        repeats=t.eager_repeats, per=eager_iters)
+  records.append(timing.record('coreset', 'eager', sizes[0], times, limit=read_limit,
+                               note=f'{eager_iters} iterations of the loop under disable_jit'))
   points = np.ascontiguousarray(np.asarray(projected_t).T)  # [N, d], the natural numpy layout.
-  np_norms, np_init = np.asarray(norms), np.asarray(init)
-  times = _call_times(lambda: numpy_greedy(points, np_norms, np_init,
-                                           iterations=t.numpy_iterations), (),
-                      repeats=t.eager_repeats, warmup=0, per=t.numpy_iterations)
-  records.append(_record('coreset', 'numpy', sizes[0], times, limit=read_limit,
-                         note=f'{t.numpy_iterations} iterations of a plain numpy loop on [N, d]'))
+  np_norms = np.asarray(coreset.squared_norms_jit(projected_t))
+  np_init = np.asarray(init)
+  its = t.numpy_iterations
+  records.append(timing.time_host(
+      'coreset', 'numpy', sizes[0],
+      lambda: numpy_greedy(points, np_norms, np_init, iterations=its), repeats=t.eager_repeats,
+      warmup=0, per=its, note=f'{its} iterations of a plain numpy loop on [N, d]'))
+  if config.compare.torch:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except (ImportError, RuntimeError) as e:
+      logging.warning('torch not importable (%s): no official coreset row', e)
+    else:
+      torch.set_num_threads(os.cpu_count())
+      records.append(timing.time_host(
+          'coreset', 'official', sizes[0],
+          lambda: official_greedy(points, np_init, iterations=its), repeats=t.eager_repeats,
+          warmup=1, per=its, note=f'{its} iterations of the official sampler\'s loop, torch '
+          f'{torch.__version__} eager, {torch.get_num_threads()} threads'))
   return records
 
 
@@ -295,11 +377,11 @@ def bench_knn(config, bank_rows, queries, *, label):
   flops = 2 * p * d * m
   size = f'{p} queries x {label}, per image (batch {b})'
   records = [
-      time_jit('knn', size, fn, (queries, bank), repeats=t.repeats, per=b, limit=limit,
-               note=f'float32 scan; limit: plain float32 jnp.dot of the same shapes, '
-               f'{flops / limit / 1e9:.0f} GFLOP/s'),
-      time_eager('knn', size, fn, (queries, bank), repeats=t.eager_repeats, per=b, limit=limit,
-                 note='float32 scan'),
+      timing.time_jit('knn', size, fn, (queries, bank), repeats=t.repeats, per=b, limit=limit,
+                      note=f'float32 scan; limit: plain float32 jnp.dot of the same shapes, '
+                      f'{flops / limit / 1e9:.0f} GFLOP/s'),
+      timing.time_eager('knn', size, fn, (queries, bank), repeats=t.eager_repeats, per=b,
+                        limit=limit, note='float32 scan'),
   ]
   # Timed on every bank, also below knn.SCREEN_MIN_ROWS where the library keeps the scan.
   screened = knn.prepare_bank(bank_rows, block_size=config.knn.block_size, screen=True,
@@ -309,13 +391,15 @@ def bench_knn(config, bank_rows, queries, *, label):
     got = fn(queries, screened)[1]
     same = float(jnp.mean(got == want))
     records += [
-        time_jit('knn_screened', size, fn, (queries, screened), repeats=t.repeats, per=b,
-                 limit=limit, note=f'bfloat16 screen + float32 check; same index as the float32 '
-                 f'scan for {same:.2%} of queries; limit: the float32 dot'
-                 + ('' if m >= knn.SCREEN_MIN_ROWS else
-                    f'; below {knn.SCREEN_MIN_ROWS} rows the library uses the scan')),
-        time_eager('knn_screened', size, fn, (queries, screened), repeats=t.eager_repeats,
-                   per=b, limit=limit),
+        timing.time_jit('knn_screened', size, fn, (queries, screened), repeats=t.repeats,
+                        per=b, limit=limit,
+                        note=f'{knn.SCREEN_DIM}-d bfloat16 screen + float32 check of '
+                        f'{knn.SCREEN_CANDIDATES} rows; same index as the float32 scan for '
+                        f'{same:.2%} of queries; limit: the float32 dot'
+                        + ('' if m >= knn.SCREEN_MIN_ROWS else
+                           f'; below {knn.SCREEN_MIN_ROWS} rows the library uses the scan')),
+        timing.time_eager('knn_screened', size, fn, (queries, screened),
+                          repeats=t.eager_repeats, per=b, limit=limit),
     ]
   del screened
   if config.compare.faiss:
@@ -328,83 +412,53 @@ def bench_knn(config, bank_rows, queries, *, label):
       index = faiss.IndexFlatL2(d)
       index.add(np.ascontiguousarray(bank_rows))
       flat_queries = np.asarray(queries).reshape(b * p, d)
-      times = _call_times(lambda: index.search(flat_queries, 1), (), repeats=t.repeats, per=b)
-      records.append(_record('knn', 'faiss', size, times, limit=limit,
-                             note=f'faiss {faiss.__version__} IndexFlatL2, k=1'))
+      records.append(timing.time_host(
+          'knn', 'faiss', size, lambda: index.search(flat_queries, 1), repeats=t.repeats, per=b,
+          note=f'faiss {faiss.__version__} IndexFlatL2, k=1'))
+      records[-1] = dataclasses.replace(records[-1], limit_seconds=limit,
+                                        efficiency=limit / records[-1].median_seconds)
   return records
 
 
-def bench_backbone(config):
-  """Preprocessing, backbone, patch embedding, memory-bank build and anomaly maps."""
-  t = config.timing
-  b, s = config.batch_size, config.image_size
-  rng = np.random.default_rng(config.seed)
+def bench_saved_bank(config):
+  """kNN over a saved model's memory bank with the patch features of real images."""
+  model = saving.load(config.knn.model)
+  paths = sorted(p for p in glob.glob(os.path.join(config.knn.images, '**', '*'), recursive=True)
+                 if os.path.splitext(p)[1].lower() in ('.png', '.jpg', '.jpeg', '.bmp'))
+  paths = paths[:model.settings.batch_size]
+  images, _ = next(patchcore.image_batches(paths, model.settings))
+  feats = patchcore.embed_batch(model.backbone, images, model.settings)
+  b, h, w, d = feats.shape
+  rows = np.asarray(saving.bank_rows(model.bank))
+  name = os.path.basename(os.path.normpath(config.knn.model))
+  return bench_knn(config, rows, feats.reshape(b, h * w, d),
+                   label=f'{rows.shape[0]:,}-row bank (saved model {name!r}, '
+                   f'{model.backbone.name}; queries: {len(paths)} of its images)')
+
+
+def bench_end_to_end(config, workdir):
+  """The experiment `config.end_to_end` run as the launcher runs it: its wall clock and split."""
+  directory = os.path.join(workdir, 'end_to_end')
+  e2e = config.end_to_end
+  with e2e.unlocked():
+    e2e.output.overwrite = True
+  patchcore.clear_compiled()  # Its compilations count, as in a fresh launcher process.
+  start = time.perf_counter()
+  results = experiment.run(e2e, directory)
+  wall = time.perf_counter() - start
   records = []
-
-  parts = set(config.parts)
-  raw = jax.device_put(rng.integers(0, 256, (b, config.raw_size, config.raw_size, 3), np.uint8))
-  fn = functools.partial(features_lib.preprocess, image_size=s, resize=config.resize)
-  size = f'{config.raw_size}px uint8 -> {s}px, per image (batch {b})'
-  if 'preprocess' in parts:
-    records.append(time_jit('preprocess', size, fn, (raw,), repeats=t.repeats, per=b))
-    records.append(time_eager('preprocess', size, fn, (raw,), repeats=t.eager_repeats, per=b))
-
-  backbone = backbones.load_backbone(config.backbone.name, stages=config.backbone.stages,
-                                     random_seed=config.seed)
-  if config.backbone.fold_batchnorm:
-    backbone = backbones.fold_batchnorm(backbone)
-  images = fn(raw)
-  size = f'{s}px to {"+".join(backbone.stages)}, per image (batch {b})'
-  if 'backbone' in parts:
-    records.append(time_jit('backbone', size, backbone.model.apply, (backbone.variables, images),
-                            repeats=t.repeats, per=b))
-    records.append(time_eager('backbone', size, backbone.model.apply,
-                              (backbone.variables, images), repeats=t.eager_repeats, per=b))
-    if config.compare.torch:
-      records.extend(bench_torch_backbone(config, backbone, per=b))
-
-  maps = jax.jit(backbone.apply)(images)
-  stage_maps = [maps[name] for name in backbone.stages]
-  embed = functools.partial(features_lib.patch_features, patch_size=config.features.patch_size,
-                            pretrain_dim=config.features.pretrain_dim,
-                            target_dim=config.features.target_dim)
-  shapes = ' + '.join('x'.join(map(str, m.shape[1:])) for m in stage_maps)
-  size = f'{shapes} -> {config.features.target_dim}, per image (batch {b})'
-  if 'embed' in parts:
-    records.append(time_jit('embed', size, embed, (stage_maps,), repeats=t.repeats, per=b))
-    records.append(time_eager('embed', size, embed, (stage_maps,), repeats=t.eager_repeats,
-                              per=b))
-
-  # Memory bank: images -> backbone -> embedding -> host bank, as at fit time.
-  if 'memory_bank' in parts:
-    embed_fn = features_lib.make_embed_fn(backbone, patch_size=config.features.patch_size,
-                                          pretrain_dim=config.features.pretrain_dim,
-                                          target_dim=config.features.target_dim)
-    num = config.memory_bank_images
-    unit = rng.random((b, s, s, 3), dtype=np.float32)
-    batches = [(unit, None, min(b, num - i)) for i in range(0, num, b)]
-    _, compile_seconds = compile_fn(embed_fn, (unit,))
-    build = lambda: patchcore.build_memory_bank(embed_fn, batches, num_images=num)
-    size = f'{num} images of {s}px, per image'
-    times = _call_times(build, (), repeats=t.repeats, per=num)
-    records.append(_record('memory_bank', 'jit', size, times, compile_seconds=compile_seconds,
-                           note='backbone + embedding + copy into the host bank'))
-    with jax.disable_jit():
-      eager_batches = batches[:1]
-      count = eager_batches[0][2]
-      times = _call_times(lambda: patchcore.build_memory_bank(embed_fn, eager_batches,
-                                                              num_images=count), (),
-                          repeats=t.eager_repeats, per=count)
-    records.append(_record('memory_bank', 'eager', size, times, note=f'{count} images timed'))
-
-  grid = stage_maps[0].shape[1:3]
-  grid_scores = jax.device_put(rng.random((b,) + grid, dtype=np.float32))
-  fn = functools.partial(scoring.anomaly_maps, size=(s, s), sigma=4.0)
-  size = f'{grid[0]}x{grid[1]} -> {s}x{s}, sigma 4, per image (batch {b})'
-  if 'anomaly_maps' in parts:
-    records.append(time_jit('anomaly_maps', size, fn, (grid_scores,), repeats=t.repeats, per=b))
-    records.append(time_eager('anomaly_maps', size, fn, (grid_scores,),
-                              repeats=t.eager_repeats, per=b))
+  for category, result in results.items():
+    size = (f'{category}, {e2e.backbone.name}, {e2e.coreset.percentage:.0%}, '
+            f'{result["num_train_images"]} + {result["num_test_images"]} images')
+    records.append(timing.record(
+        'end_to_end', 'wall', size, [wall], note=(
+            f'experiment.run as the launcher calls it: image AUROC '
+            f'{result["image_auroc"]:.4f}, fit {result["fit_seconds"]:.1f} s, '
+            f'{1000 * result["inference_seconds_per_image"]:.0f} ms per test image; split: '
+            + ', '.join(f'{k} {v:.1f} s' for k, v in result['timings'].items()))))
+    for part, seconds in result['timings'].items():
+      if part != 'wall':
+        records.append(timing.record(f'end_to_end:{part}', 'wall', size, [seconds]))
   return records
 
 
@@ -440,7 +494,7 @@ def bench_torch_backbone(config, backbone, *, per):
       times.append((time.perf_counter() - start) / per)
   size = (f'{config.image_size}px to {"+".join(backbone.stages)}, per image '
           f'(batch {config.batch_size})')
-  return [_record('backbone', 'torch', size, times,
+  return [timing.record('backbone', 'torch', size, times,
                   note=f'torch {torch.__version__} eager, torchvision {torchvision.__version__}, '
                        f'{torch.get_num_threads()} threads')]
 
@@ -448,8 +502,7 @@ def bench_torch_backbone(config, backbone, *, per):
 def run(config, workdir):
   """Runs every benchmark of `config` and writes DIR/benchmark.{json,md}."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdir_lib.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   rng = np.random.default_rng(config.seed)
   stride = backbones.build_model(config.backbone.name, config.backbone.stages)[1][
       config.backbone.stages[0]]
@@ -462,44 +515,31 @@ def run(config, workdir):
     # Bank and coreset first, so that the peak memory reported is theirs alone.
     records, memory = bench_bank_and_coreset(config, patches_per_image=patches,
                                              dim=config.features.target_dim, rng=rng)
-  if set(config.parts) - {'bank'}:
+    if config.knn.model:
+      records += bench_saved_bank(config)
+  if set(config.parts) & {'backbone', 'embed', 'memory_bank', 'anomaly_maps'}:
     records = bench_backbone(config) + records
-  with open(os.path.join(workdir, 'benchmark.json'), 'w') as f:
-    json.dump([dataclasses.asdict(r) for r in records], f, indent=1)
-  table = markdown(records, machine=machine_description(), memory=memory, config=config)
-  with open(os.path.join(workdir, 'benchmark.md'), 'w') as f:
-    f.write(table)
+  if 'decode' in config.parts:
+    records = bench_decode(config) + records
+  if 'end_to_end' in config.parts and config.end_to_end.data.root:
+    records += bench_end_to_end(config, workdir)
+  workdir_lib.write_json(os.path.join(workdir, 'benchmark.json'),
+                         [dataclasses.asdict(r) for r in records])
+  table = markdown(records, machine=timing.machine_description(), memory=memory, config=config)
+  workdir_lib.write_text(os.path.join(workdir, 'benchmark.md'), table)
   logging.info('\n%s', table)
   return records
 
 
-def _fmt(seconds):
-  if seconds is None:
-    return ''
-  return f'{seconds * 1e3:.3g} ms' if seconds < 1 else f'{seconds:.3g} s'
-
-
 def markdown(records, *, machine, memory, config):
-  """The records as a markdown table; eager/faiss/numpy/torch rows compare with the jit row."""
-  jit = {(r.stage, r.size): r.median_seconds for r in records if r.mode == 'jit'}
-  lines = [
+  """benchmark.md: machine, command, the table (`timing.markdown`) and the fit's memory."""
+  header = [
       f'Machine: {machine}.',
       f'Command: `python launch.py --config=configs/benchmark.py:backbone={config.backbone.name}'
       f'{",size=" + config.size if config.size != "full" else ""} --workdir=DIR`.',
       '',
-      '| stage | size | mode | compile | median | min | max | limit | efficiency | jit speed-up |',
-      '|---|---|---|---|---|---|---|---|---|---|',
   ]
-  for r in records:
-    ratio = ''
-    if r.mode != 'jit' and (r.stage, r.size) in jit:
-      ratio = f'{r.median_seconds / jit[(r.stage, r.size)]:.2f}x'
-    eff = '' if r.efficiency is None else f'{r.efficiency:.0%}'
-    lines.append(f'| {r.stage} | {r.size} | {r.mode} | {_fmt(r.compile_seconds)} | '
-                 f'{_fmt(r.median_seconds)} | {_fmt(r.min_seconds)} | {_fmt(r.max_seconds)} | '
-                 f'{_fmt(r.limit_seconds)} | {eff} | {ratio} |')
-  notes = [f'- {r.stage} / {r.mode} / {r.size}: {r.note}' for r in records if r.note]
-  lines += ['', 'Notes:'] + notes
+  lines = [timing.markdown(records, header=header).rstrip('\n')]
   if memory:
     lines += ['', f'Fit memory and time: `patchcore.subsample` of the {memory["bank_rows"]:,}-row '
               f'host bank to {memory["percentage"]:.0%} (projection, initial distances, greedy '

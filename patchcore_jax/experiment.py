@@ -153,6 +153,7 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
   logging.info('[%s] %d training, %d test images (%d anomalous)', split.name, len(train),
                len(split.test), sum(s.label for s in split.test))
 
+  category_start = time.perf_counter()
   compile_before = patchcore.compile_seconds_total[0]
   patchcore.precompile(backbone, settings)  # Once per process for this backbone and shape.
   model = patchcore.fit(backbone, [s.path for s in train], key=key,
@@ -176,7 +177,10 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
       yield images, count
 
   inference_seconds = 0.0
-  for scores, batch_maps, _, seconds in patchcore.predict_batches(model, batches()):
+  test_start = time.perf_counter()
+  test_timings = {}
+  for scores, batch_maps, _, seconds in patchcore.predict_batches(model, batches(),
+                                                                  timings=test_timings):
     count = len(scores)
     image_scores[done:done + count] = scores
     maps[done:done + count] = batch_maps
@@ -185,6 +189,8 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
     logging.log_every_n_seconds(logging.INFO, '[%s] scored %d/%d test images', 10, split.name,
                                 done, n_test)
 
+  test_seconds = time.perf_counter() - test_start
+  metrics_start = time.perf_counter()
   labels = np.array([s.label for s in split.test])
   has_masks = split.has_masks
   pixel_masks, pixel_maps = masks, maps
@@ -215,16 +221,37 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
       'pixel_threshold': cal.pixel_threshold,
       **test_thresholds,
   }
+  metrics_seconds = time.perf_counter() - metrics_start
   if cal.image_threshold is not None:
     decided = image_scores > cal.image_threshold
     good, bad = labels == 0, labels == 1
     result['test_fpr_at_threshold'] = float(decided[good].mean()) if good.any() else None
     result['test_tpr_at_threshold'] = float(decided[bad].mean()) if bad.any() else None
+  writing_start = time.perf_counter()
   _write_scores(os.path.join(workdir, 'scores', f'{split.name}.csv'), split, labels, image_scores)
   _write_overlays(os.path.join(workdir, 'maps', split.name), split, model, image_scores, maps,
                   masks, config.output.num_overlays)
   if config.output.save_model:
     result['model_dir'] = saving.save(model, os.path.join(workdir, 'models', split.name))
+  end = time.perf_counter()
+  compile_seconds = result['compile_seconds']
+  # Where the category's wall clock went. Decoding runs in worker threads beside the compute;
+  # *_decode_wait is the time the main thread waited for it.
+  result['timings'] = {
+      'wall': end - category_start,
+      'compile': compile_seconds,
+      'fit_decode_wait': info['decode_wait_seconds'],
+      'fit_features': info['feature_seconds'] - info['decode_wait_seconds'],
+      'coreset': info['coreset_seconds'],
+      'test_decode_wait': test_timings.get('decode_wait', 0.0),
+      'test_features': test_timings.get('features', 0.0),
+      'test_knn_maps': test_timings.get('knn_maps', 0.0),
+      'test_other': test_seconds - sum(test_timings.values()),
+      'metrics': metrics_seconds,
+      'writing': end - writing_start,
+  }
+  result['timings']['other'] = result['timings']['wall'] - sum(
+      v for k, v in result['timings'].items() if k != 'wall')
   return result
 
 

@@ -232,6 +232,11 @@ _MAX_COMPILED = 32
 compile_seconds_total = [0.0]  # Seconds spent compiling in this process (read by experiment).
 
 
+def clear_compiled():
+  """Forgets every compiled stage (the next use compiles again, as in a fresh process)."""
+  _COMPILED.clear()
+
+
 def compiled(fn, static, *args):
   """`jax.jit(fn, static)` lowered and compiled for `args`' shapes, once per process.
 
@@ -384,7 +389,22 @@ def empty_host_bank(rows, dim):
   return raw[offset:offset + size].view(np.float32).reshape(rows, dim)
 
 
-def build_memory_bank(embed_fn, batches, *, num_images, progress=None):
+def timed_iter(iterable, timings, name):
+  """Yields from `iterable`, adding the seconds spent waiting for each item to timings[name]
+  (when `timings` is a dict; e.g. the wait for images decoded in worker threads)."""
+  iterator = iter(iterable)
+  while True:
+    start = time.perf_counter()
+    try:
+      item = next(iterator)
+    except StopIteration:
+      return
+    if timings is not None:
+      timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    yield item
+
+
+def build_memory_bank(embed_fn, batches, *, num_images, progress=None, timings=None):
   """Stacks the patch features of all training images into one [num_images * h * w, D] array.
 
   Args:
@@ -393,6 +413,7 @@ def build_memory_bank(embed_fn, batches, *, num_images, progress=None):
       (images, count).
     num_images: total number of images in `batches` (to allocate the bank once).
     progress: optional callable(images done) after every batch.
+    timings: optional dict; 'decode_wait' accumulates the seconds spent waiting for batches.
   Returns:
     float32 numpy array [num_images * h * w, D].
   """
@@ -400,7 +421,7 @@ def build_memory_bank(embed_fn, batches, *, num_images, progress=None):
   filled = 0
   per_image = 1
   start = time.perf_counter()
-  for batch in batches:
+  for batch in timed_iter(batches, timings, 'decode_wait'):
     images, count = batch[0], batch[-1]
     feats = np.asarray(embed_fn(jnp.asarray(images)))[:count]  # [count, h, w, D]
     per_image = feats.shape[1] * feats.shape[2]
@@ -529,10 +550,11 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
   t0 = time.perf_counter()
   bar = progress_bar(len(train), 'memory bank', progress)
   update = (lambda done: bar.update(done - bar.n)) if bar is not None else None
+  waits = {}
   bank_features = build_memory_bank(
       lambda x: embed_batch(backbone, x, settings),
       image_batches(train, settings, num_workers=num_workers), num_images=len(train),
-      progress=update)
+      progress=update, timings=waits)
   if bar is not None:
     bar.close()
   feature_seconds = time.perf_counter() - t0
@@ -547,6 +569,7 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
   del bank_features
   info = dict(num_train_images=len(train), num_holdout_images=len(held), memory_bank_rows=rows,
               feature_seconds=feature_seconds, coreset_seconds=coreset_seconds,
+              decode_wait_seconds=waits.get('decode_wait', 0.0),
               fit_seconds=feature_seconds + coreset_seconds,
               created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
   model = PatchCore(backbone=backbone, bank=bank, settings=settings,
@@ -586,15 +609,27 @@ def decide(model, image_scores):
   return scores / np.float32(2.0 * threshold), scores > threshold
 
 
-def predict_batches(model, batches):
+def predict_batches(model, batches, *, timings=None):
   """Yields (image scores [count], maps [count, S, S], patch scores [count, h, w], seconds) per
-  (images [B, S, S, 3], count) batch; seconds is the compute time, waited for."""
-  for images, count in batches:
+  (images [B, S, S, 3], count) batch; seconds is the compute time, waited for.
+
+  `timings`: optional dict accumulating seconds: 'decode_wait' (waiting for `batches`),
+  'features' (backbone and patch features) and 'knn_maps' (search, scores and maps); the two
+  compute stages are then waited for separately.
+  """
+  for images, count in timed_iter(batches, timings, 'decode_wait'):
     start = time.perf_counter()
-    scores, maps, grid = score_batch(model.bank, embed_batch(model.backbone, images,
-                                                             model.settings), model.settings)
+    feats = embed_batch(model.backbone, images, model.settings)
+    if timings is not None:
+      jax.block_until_ready(feats)
+      middle = time.perf_counter()
+      timings['features'] = timings.get('features', 0.0) + middle - start
+    scores, maps, grid = score_batch(model.bank, feats, model.settings)
     scores, maps, grid = np.asarray(scores), np.asarray(maps), np.asarray(grid)  # Waits.
-    yield scores[:count], maps[:count], grid[:count], time.perf_counter() - start
+    end = time.perf_counter()
+    if timings is not None:
+      timings['knn_maps'] = timings.get('knn_maps', 0.0) + end - middle
+    yield scores[:count], maps[:count], grid[:count], end - start
 
 
 def predict(model, images, *, num_workers=2, progress=False):

@@ -15,12 +15,13 @@ from patchcore_jax import coreset
 from patchcore_jax import features
 from patchcore_jax import knn
 from patchcore_jax import patchcore
+from patchcore_jax import timing
+from patchcore_jax.data import transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = {'stage', 'mode', 'size', 'compile_seconds', 'median_seconds', 'min_seconds',
           'max_seconds', 'limit_seconds', 'efficiency', 'note'}
-STAGES = {'preprocess', 'backbone', 'embed', 'memory_bank', 'projection', 'coreset', 'knn',
-          'anomaly_maps'}
+STAGES = {'backbone', 'embed', 'memory_bank', 'projection', 'coreset', 'knn', 'anomaly_maps'}
 
 
 def test_benchmark_job_through_the_launcher(tmp_path):
@@ -36,11 +37,13 @@ def test_benchmark_job_through_the_launcher(tmp_path):
     by_mode.setdefault(r['stage'], set()).add(r['mode'])
     assert 0 < r['min_seconds'] <= r['median_seconds'] <= r['max_seconds'], r
     if r['mode'] == 'jit':
-      assert r['compile_seconds'] > 0, r
+      assert r['compile_seconds'] is not None and r['compile_seconds'] >= 0, r
     if r['limit_seconds'] is not None:
       assert np.isclose(r['efficiency'], r['limit_seconds'] / r['median_seconds']), r
   for stage in STAGES:
     assert {'jit', 'eager'} <= by_mode[stage], stage
+  assert by_mode['decode'] == {'host', '2 threads'}
+  assert 'unfold' in by_mode['embed']
   assert 'numpy' in by_mode['coreset'] and 'limit' in by_mode['read_bandwidth']
   assert ('faiss' in by_mode['knn']) == (importlib.util.find_spec('faiss') is not None)
   # Both bank sizes (scales 1 and 2 of 4 images x 8 x 8 patches), both coreset sizes each.
@@ -50,6 +53,7 @@ def test_benchmark_job_through_the_launcher(tmp_path):
   table = (tmp_path / 'benchmark.md').read_text()
   assert table.count('| knn |') == sum(r['stage'] == 'knn' for r in records)
   assert 'size=tiny' in table and 'peak RSS' in table
+  assert not any(r['stage'].startswith('end_to_end') for r in records)  # No data root given.
 
 
 def test_timing_helpers_block_and_divide():
@@ -58,15 +62,17 @@ def test_timing_helpers_block_and_divide():
   def fn(x):
     calls.append(1)
     return x * 2
-  times = benchmark._call_times(fn, (jnp.ones(3),), repeats=4, warmup=2, per=10)
+  times = timing.call_times(fn, (jnp.ones(3),), repeats=4, warmup=2, per=10)
   assert len(times) == 4 and len(calls) == 6 and all(t >= 0 for t in times)
-  record = benchmark._record('knn', 'jit', 's', [3.0, 1.0, 2.0], limit=1.0)
+  record = timing.record('knn', 'jit', 's', [3.0, 1.0, 2.0], limit=1.0)
   assert (record.median_seconds, record.min_seconds, record.max_seconds) == (2.0, 1.0, 3.0)
   assert record.efficiency == 0.5
+  table = timing.markdown([record, timing.record('knn', 'faiss', 's', [4.0])])
+  assert '| knn | s | faiss |' in table and '2.00x' in table
 
 
-def test_numpy_and_eager_greedy_match_the_library_loop():
-  """The comparison loops time the same algorithm: identical selections."""
+def test_comparison_loops_select_what_the_library_selects():
+  """numpy, eager and the official torch loop time the same algorithm: identical selections."""
   rng = np.random.default_rng(0)
   projected_t = jnp.asarray(rng.normal(size=(8, 300)).astype(np.float32))
   init = coreset.initial_distances(projected_t, jax.random.key(0))
@@ -75,9 +81,18 @@ def test_numpy_and_eager_greedy_match_the_library_loop():
   points = np.asarray(projected_t).T.copy()
   np.testing.assert_array_equal(
       benchmark.numpy_greedy(points, np.asarray(norms), np.asarray(init), iterations=12), ours)
+  np.testing.assert_array_equal(
+      benchmark.official_greedy(points, np.asarray(init), iterations=12), ours)
   with jax.disable_jit():
-    _, eager = benchmark.eager_greedy(projected_t, norms, init, iterations=12)
+    eager = coreset.greedy_coreset_loop(projected_t, init, num_samples=12)
   np.testing.assert_array_equal(np.asarray(eager), ours)
+
+
+def test_generated_pngs_decode_like_the_pipeline(tmp_path):
+  paths = benchmark.generated_pngs(str(tmp_path), count=3, size=40, seed=0)
+  image = transforms.load_image(paths[0], resize=36, image_size=32)
+  assert image.shape == (32, 32, 3) and 0.0 <= image.min() and image.max() <= 1.0
+  assert len(set(open(p, 'rb').read() for p in paths)) == 3
 
 
 def test_every_stage_compiles_once_per_shape():

@@ -170,6 +170,17 @@ def test_screened_search_exact_on_near_duplicates(num_near, tier):
   np.testing.assert_allclose(np.asarray(dist)[:, 0], ref_d[0, :, 0], rtol=1e-5, atol=2e-5)
 
 
+def test_banks_without_low_dimensional_structure_keep_the_scan():
+  rng = np.random.default_rng(8)
+  noise = rng.normal(size=(700, 48)).astype(np.float32)
+  assert not knn.uses_screen(knn.prepare_bank(noise, block_size=32, screen=True,
+                                              screen_min_rows=0, screen_dim=17))
+  structured = (rng.normal(size=(700, 6)) @ rng.normal(size=(6, 48))
+                + 0.01 * rng.normal(size=(700, 48))).astype(np.float32)
+  assert knn.uses_screen(knn.prepare_bank(structured, block_size=32, screen=True,
+                                          screen_min_rows=0, screen_dim=17))
+
+
 def test_screened_search_blocks_queries_and_small_banks_use_the_scan():
   queries, bank_features = _data(p=50, m=700, d=24, seed=6)
   bank = _screened_bank(bank_features)
