@@ -1,7 +1,11 @@
-"""Shared test helpers.
+"""Shared test helpers and tiers.
 
 Tests that need the real data read it from $PATCHCORE_SHARED (the `shared` folder holding
 data/ and reference/); they skip with that reason when it is unset. CI sets it.
+
+Markers (pyproject.toml): `real_data` (tests/test_real_data.py: 2-4 minutes each) and `slow`
+(those and every test that took 10 s or more here, listed below), so that
+`pytest -m "not slow"` is a quick loop while editing.
 """
 import os
 
@@ -20,7 +24,43 @@ def shared_path(*parts):
   return path
 
 
+# Tests that took 10 s or more on 2 cores (pytest --durations, two workers).
+SLOW = (
+    'test_backbones.py::test_matches_torchvision[densenet201]',  # 60 s
+    'test_benchmark.py::test_benchmark_job_through_the_launcher',  # 46 s
+    'test_backbones.py::test_fold_batchnorm_keeps_outputs[wide_resnet50_2]',  # 44 s
+    'test_backbones.py::test_matches_torchvision[resnet152]',  # 39 s
+    'test_backbones.py::test_torchvision_files_load_with_their_classifier[vgg16]',  # 36 s
+    'test_notebook.py::test_quickstart_notebook_runs',  # 35 s
+    'test_backbones.py::test_matches_torchvision[resnet101]',  # 26 s
+    'test_backbones.py::test_matches_torchvision[wide_resnet101_2]',  # 26 s
+    'test_backbones.py::test_matches_torchvision[vgg19]',  # 25 s
+    'test_experiment.py::test_launcher_runs_the_demo_end_to_end',  # 24 s
+    'test_backbones.py::test_matches_torchvision[vgg16]',  # 20 s
+    'test_backbones.py::test_fold_batchnorm_keeps_outputs[resnet18]',  # 19 s
+    'test_benchmark.py::test_every_stage_compiles_once_per_shape',  # 19 s
+    'test_backbones.py::test_matches_torchvision[resnet34]',  # 19 s
+    'test_inputs.py::test_killed_run_cannot_pass_for_a_finished_one',  # 19 s
+    'test_backbones.py::test_matches_torchvision[wide_resnet50_2]',  # 16 s
+    'test_notebook.py::test_readme_python_section_runs',  # 15 s
+    'test_backbones.py::test_matches_torchvision[resnet50]',  # 15 s
+    'test_experiment.py::test_run_on_a_folder_without_masks',  # 15 s
+    'test_backbones.py::test_matches_torchvision[resnet18]',  # 14 s
+    'test_predict_job.py::test_launcher_writes_rows_masks_and_overlays_and_survives_bad_files',
+    'test_patchcore.py::test_load_refuses_broken_models_naming_the_file',  # 12 s
+    'test_backbones.py::test_vgg16_matches_torch_with_real_weights',  # 12 s
+    'test_backbones.py::test_fold_batchnorm_keeps_outputs[resnext50_32x4d]',  # 11 s
+)
+
+
 def pytest_collection_modifyitems(items):
-  """The real-data tests run longest: start them first, so that with two workers (pytest -n 2)
-  neither is left running them alone at the end."""
+  """Marks the tiers (module docstring). The real-data tests run longest: start them first, so
+  that with two workers (pytest -n 2) neither is left running them alone at the end."""
+  for item in items:
+    name = f'{item.path.name}::{item.name}'
+    if item.path.name == 'test_real_data.py':
+      item.add_marker(pytest.mark.real_data)
+      item.add_marker(pytest.mark.slow)
+    elif name in SLOW:
+      item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: 0 if item.path.name == 'test_real_data.py' else 1)
