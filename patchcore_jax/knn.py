@@ -44,6 +44,8 @@ SCREEN_SLACK = 2.0**-7
 # bounds would be too loose to certify (MVTec bottle banks: 0.7 % with EfficientNet-Lite2, 0.06 %
 # with VGG16; Gaussian noise in 1024 dimensions: 50 %).
 SCREEN_MAX_RESIDUAL = 0.02
+# A search whose first block of queries certifies fewer than this share scans every query.
+SCREEN_MIN_CERTIFIED = 0.5
 # Smaller banks keep only the float32 scan, faster there (fixed per-query costs of the screen).
 SCREEN_MIN_ROWS = 4096
 
@@ -269,9 +271,34 @@ def screened_nearest_neighbour(queries, bank, *, candidates=SCREEN_CANDIDATES,
   block = max(1, min(n, max_block_floats // columns))
   pad = (-n) % block
   blocks = jnp.pad(queries, ((0, pad), (0, 0))).reshape(-1, block, d)
-  best_d, best_i, certified = lax.map(
-      functools.partial(_screen_block, bank=bank, candidates=candidates), blocks)
-  best_d, best_i, certified = (x.reshape(-1)[:n] for x in (best_d, best_i, certified))
+  screen = functools.partial(_screen_block, bank=bank, candidates=candidates)
+  first = screen(blocks[0])
+  # When the first block certifies too few of its queries (e.g. a whole, dense bank whose nearest
+  # rows lie within the screen's slack), the others would too: scan at once instead of paying
+  # for the screen and then the scan.
+  valid = jnp.arange(block) < n
+  first_share = jnp.sum(first[2] & valid) / jnp.sum(valid)
+
+  def scan_all(_):
+    dist, index = nearest_neighbours(queries, bank, k=1)
+    return dist, index
+
+  def screened(_):
+    if blocks.shape[0] == 1:
+      parts = first
+    else:
+      rest = lax.map(screen, blocks[1:])
+      parts = tuple(jnp.concatenate([a[None], b]) for a, b in zip(first, rest))
+    best_d, best_i, certified = (x.reshape(-1)[:n] for x in parts)
+    return _with_fallback(queries, bank, best_d, best_i, certified)
+
+  return lax.cond(first_share >= SCREEN_MIN_CERTIFIED, screened, scan_all, None)
+
+
+def _with_fallback(queries, bank, best_d, best_i, certified):
+  """Screened answers [N] with the uncertified queries searched again by the float32 scan, in the
+  smallest of N/64, N/16 or N slots that holds them. -> (distances [N, 1], indices [N, 1])."""
+  n = queries.shape[0]
   num_failed = jnp.sum(~certified)
 
   def search_failed(slots):

@@ -181,6 +181,28 @@ def test_banks_without_low_dimensional_structure_keep_the_scan():
                                           screen_min_rows=0, screen_dim=17))
 
 
+def test_screened_search_scans_at_once_when_the_first_block_certifies_little():
+  """A bank of tight near-duplicate clusters and queries inside them: the first block of queries
+  certifies under SCREEN_MIN_CERTIFIED, so every query is scanned (the exact answer)."""
+  rng = np.random.default_rng(9)
+  d = 32
+  centres = rng.normal(size=(100, d))
+  bank_features = (np.repeat(centres, 7, axis=0) + 1e-2 * rng.normal(size=(700, d))).astype(
+      np.float32)
+  queries = (centres[rng.integers(0, 100, 300)] + 3e-2 * rng.normal(size=(300, d))).astype(
+      np.float32)
+  bank = _screened_bank(bank_features)
+  flat = jnp.asarray(queries)
+  _, _, certified = knn._screen_block(flat[:100], bank, candidates=3)  # pylint: disable=protected-access
+  assert np.mean(np.asarray(certified)) < knn.SCREEN_MIN_CERTIFIED
+  dist, idx = knn.screened_nearest_neighbour(flat, bank, candidates=3,
+                                             max_block_floats=100 * bank.screen_t.shape[1])
+  ref_d, ref_i = _brute(queries[None], bank_features, 1)
+  np.testing.assert_array_equal(np.asarray(idx)[:, 0], ref_i[0, :, 0])
+  # The scan's ||q||^2 - 2 q.b + ||b||^2 carries float32 cancellation (~1e-6 ||q||^2 ~ 3e-5).
+  np.testing.assert_allclose(np.asarray(dist)[:, 0], ref_d[0, :, 0], rtol=1e-4, atol=5e-5)
+
+
 def test_screened_search_blocks_queries_and_small_banks_use_the_scan():
   queries, bank_features = _data(p=50, m=700, d=24, seed=6)
   bank = _screened_bank(bank_features)
