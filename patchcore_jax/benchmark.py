@@ -39,6 +39,7 @@ from PIL import Image
 
 from patchcore_jax import backbones
 from patchcore_jax import coreset
+from patchcore_jax import errors
 from patchcore_jax import experiment
 from patchcore_jax import features as features_lib
 from patchcore_jax import knn
@@ -509,14 +510,19 @@ def bench_torch_backbone(config, backbone, *, per):
 
 def run(config, workdir):
   """Runs every benchmark of `config` and writes DIR/benchmark.{json,md}."""
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   stride = backbones.build_model(config.backbone.name, config.backbone.stages)[1][
       config.backbone.stages[0]]
   patches = (config.image_size // stride) ** 2
   unknown = set(config.parts) - set(PARTS)
   if unknown:
-    raise ValueError(f'unknown benchmark parts {sorted(unknown)}; known: {PARTS}')
+    raise errors.UserError(f'parts (config.parts) = {sorted(unknown)} unknown; known: {PARTS}')
+  for field, path in (('knn.model', config.knn.model), ('knn.images', config.knn.images)):
+    if path and not os.path.isdir(path):
+      raise errors.UserError(f'{field} = {path!r}: no such folder')
+  if bool(config.knn.model) != bool(config.knn.images):
+    raise errors.UserError('knn.model and knn.images go together: set both or neither')
+  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   records, memory = [], {}
   if 'bank' in config.parts:
     # Bank and coreset first, so that the peak memory reported is theirs alone.

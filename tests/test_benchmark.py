@@ -8,10 +8,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from patchcore_jax import backbones
 from patchcore_jax import benchmark
 from patchcore_jax import coreset
+from patchcore_jax import errors
 from patchcore_jax import features
 from patchcore_jax import knn
 from patchcore_jax import patchcore
@@ -54,6 +56,17 @@ def test_benchmark_job_through_the_launcher(tmp_path):
   assert table.count('| knn |') == sum(r['stage'] == 'knn' for r in records)
   assert 'size=tiny' in table and 'peak RSS' in table
   assert not any(r['stage'].startswith('end_to_end') for r in records)  # No data root given.
+
+
+def test_bad_paths_are_refused_before_anything_is_written(tmp_path):
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config('backbone=resnet18,size=tiny')
+  with config.unlocked():
+    config.knn.model = str(tmp_path / 'missing')
+    config.knn.images = str(tmp_path)
+  with pytest.raises(errors.UserError, match='knn.model'):
+    benchmark.run(config, str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
 
 
 def test_timing_helpers_block_and_divide():
