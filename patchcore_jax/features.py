@@ -133,6 +133,12 @@ def patchify(x, *, patch_size=3, stride=1):
   return jnp.stack(shifted, axis=-1).reshape(b, out_h, out_w, c * patch_size * patch_size)
 
 
+def _bin_edges(length, out_size):
+  """PyTorch adaptive-pooling bin edges: (start [out], end [out]), bin i = [start_i, end_i)."""
+  i = np.arange(out_size)
+  return (i * length) // out_size, -((-(i + 1) * length) // out_size)
+
+
 def adaptive_pool_bins(length, out_size):
   """PyTorch adaptive-pooling bins: start = floor(i*L/out), end = ceil((i+1)*L/out).
 
@@ -140,9 +146,7 @@ def adaptive_pool_bins(length, out_size):
     (index [out_size, width] int32, weight [out_size, width] float32): bin i averages
     x[index[i, j]] with weights weight[i, j] (1/bin size, 0 for padding).
   """
-  i = np.arange(out_size)
-  start = (i * length) // out_size
-  end = -((-(i + 1) * length) // out_size)
+  start, end = _bin_edges(length, out_size)
   width = int((end - start).max())
   offsets = np.arange(width)
   index = np.minimum(start[:, None] + offsets[None], length - 1)
@@ -182,9 +186,7 @@ def pooling_plan(channels, patch_size, out_size):
   """
   p2 = patch_size * patch_size
   length = channels * p2
-  i = np.arange(out_size)
-  starts = (i * length) // out_size
-  ends = -((-(i + 1) * length) // out_size)
+  starts, ends = _bin_edges(length, out_size)
   segments = []
   for start, end in zip(starts, ends):
     bin_segments = []
