@@ -106,3 +106,64 @@ def test_first_argmax_matches_numpy_with_ties(n):
 def test_squared_norms_match_numpy():
   x = np.random.default_rng(0).normal(size=(16, 333)).astype(np.float32)
   np.testing.assert_allclose(coreset.squared_norms(jnp.asarray(x)), (x * x).sum(0), rtol=1e-6)
+
+
+def _full_pass_greedy(points_t, init_dist, num_samples):
+  """One full pass per pick with the loop's own distance rounding (`block_distances`)."""
+  norms = coreset.squared_norms(points_t)
+  dist, selected = jnp.asarray(init_dist), []
+  for _ in range(num_samples):
+    i = int(np.argmax(np.asarray(dist)))
+    selected.append(i)
+    new = coreset.block_distances(points_t[:, i][None], norms[i][None], points_t, norms)[0]
+    dist = jnp.minimum(dist, new)
+  return np.array(selected)
+
+
+@pytest.mark.parametrize('block_size,centre_chunk', [(64, 4), (256, 16), (1024, 16), (100, 3)])
+def test_lazy_loop_picks_what_a_full_pass_picks(block_size, centre_chunk):
+  # 3,000 clustered points: the lazy loop (blocks brought up to date only when they can hold the
+  # maximum) must pick exactly what one pass over every point per pick picks.
+  x = _clustered(3000, 16, seed=7)
+  points_t = jnp.asarray(x.T)
+  init = coreset.initial_distances(points_t, jax.random.key(2))
+  ref = _full_pass_greedy(points_t, init, 150)
+  ours = coreset.greedy_coreset_loop(points_t, init, num_samples=150, block_size=block_size,
+                                     centre_chunk=centre_chunk)
+  np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_lazy_loop_breaks_ties_by_first_index_and_never_picks_padding():
+  # Small integer points with many exact duplicates: every distance is exact in float32, so ties
+  # are real; like np.argmax, the first index must win (also once every distance is 0 and index 0
+  # is picked again and again). 1,001 points in blocks of 64: the last block is mostly padding,
+  # which must never be picked.
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 3, (1001, 4)).astype(np.float64)
+  init = np.full(1001, 50.0)
+  dist, ref = init.copy(), []
+  for _ in range(1001):
+    i = int(np.argmax(dist))
+    ref.append(i)
+    dist = np.minimum(dist, ((x - x[i]) ** 2).sum(1))
+  ours = np.asarray(coreset.greedy_coreset_loop(
+      jnp.asarray(x.T, jnp.float32), jnp.asarray(init, jnp.float32), num_samples=1001,
+      block_size=64, centre_chunk=8))
+  np.testing.assert_array_equal(ours, ref)
+  assert ours.max() < 1001
+  assert len({tuple(p) for p in x[ours[:81]]}) == 81  # The 3**4 distinct points come first.
+
+
+def test_padded_projection_gives_the_same_coreset():
+  x = _clustered(1500, 24, seed=3)
+  m = coreset.random_projection(jax.random.key(0), 24, 8)
+  plain = coreset.project(x, m)
+  padded = coreset.project(x, m, pad_to=1024)
+  assert plain.shape == (8, 1500) and padded.shape == (8, 2048)
+  np.testing.assert_array_equal(np.asarray(padded[:, 1500:]), 0)
+  init_plain = coreset.initial_distances(plain, jax.random.key(1))
+  init_padded = coreset.initial_distances(padded, jax.random.key(1), num_points=1500)
+  np.testing.assert_array_equal(np.asarray(init_plain), np.asarray(init_padded))
+  np.testing.assert_array_equal(
+      np.asarray(coreset.greedy_coreset_loop(plain, init_plain, num_samples=300)),
+      np.asarray(coreset.greedy_coreset_loop(padded, init_padded, num_samples=300)))
