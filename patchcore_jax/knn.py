@@ -189,13 +189,29 @@ def nearest_neighbours(queries, bank, *, k=1, precision='highest'):
   Returns:
     (distances [P, k] squared L2, ascending; indices [P, k] int32 into the bank).
   """
+  best_d, best_i = scan_partial(queries, bank.blocks, bank.norms, k=k, precision=precision)
+  return finish_distances(queries, best_d), best_i
+
+
+def scan_partial(queries, blocks, norms, *, k=1, precision='highest'):
+  """The scan's ranking values: (||b||^2 - 2 q.b of the k best rows [P, k], ascending; their
+  indices [P, k] into blocks [num_blocks, block, D] with norms [num_blocks, block]).
+
+  `finish_distances` turns the values into squared distances. Sharded searches combine these,
+  not the finished distances, so that they rank rows exactly as one device does.
+  """
   p = queries.shape[0]
   body = functools.partial(_scan_body, queries=queries, k=k,
                            precision=lax.Precision(precision))
   init = (jnp.full((p, k), jnp.inf, jnp.float32), jnp.zeros((p, k), jnp.int32), jnp.int32(0))
-  (best_d, best_i, _), _ = lax.scan(body, init, (bank.blocks, bank.norms))
+  (best_d, best_i, _), _ = lax.scan(body, init, (blocks, norms))
+  return best_d, best_i
+
+
+def finish_distances(queries, partial):
+  """Squared distances [P, k] from `scan_partial`'s values for queries [P, D]."""
   q_sq = jnp.sum(queries * queries, axis=1, keepdims=True)
-  return jnp.maximum(best_d + q_sq, 0.0), best_i
+  return jnp.maximum(partial + q_sq, 0.0)
 
 
 def _min_axis1(x):

@@ -1,0 +1,42 @@
+"""The bank sharded over a 4-device mesh (virtual CPU devices) against one device.
+
+XLA_FLAGS must be set before JAX starts, so the checks run in a fresh process
+(tests/sharded_check.py) and report back as JSON.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope='module')
+def checks():
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_check.py')], env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_four_devices(checks):
+  assert checks['devices'] == 4
+
+
+def test_sharded_coreset_picks_what_one_device_picks(checks):
+  assert checks['coreset_equal']
+  assert checks['coreset_ties_equal']
+
+
+def test_sharded_knn_equals_one_device(checks):
+  for k in (1, 3):
+    assert checks[f'knn{k}_distances_equal']
+    assert checks[f'knn{k}_indices_equal']
+
+
+def test_data_parallel_features(checks):
+  assert checks['embed_sharded_over'] == 4
+  assert checks['embed_max_difference'] <= 1e-5
