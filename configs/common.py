@@ -54,6 +54,10 @@ def get_base_config(backbone='efficientnet_lite2'):
   config.coreset.percentage = 0.1  # Fraction of patches kept; 1.0 keeps the whole bank.
   config.coreset.projection_dim = 128  # Johnson-Lindenstrauss projection for coreset distances.
   config.coreset.num_starts = 10  # Random points defining the initial distances.
+  # A memory bank larger than this (GiB) streams to a temporary file while it is built: memory
+  # then holds its 128-d projection, one block and the selected rows (patchcore.DiskBank).
+  config.coreset.memory_budget_gb = 8.0
+  config.coreset.spill_dir = ''  # The file's folder ('': the system's temporary directory).
 
   config.knn = ml_collections.ConfigDict()
   config.knn.k = 1  # Nearest neighbours averaged into a patch score (the official code uses 1).

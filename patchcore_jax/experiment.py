@@ -87,6 +87,10 @@ def validate_config(config):
   _check('output.num_overlays', out.num_overlays, out.num_overlays >= 0, '>= 0')
   if bb.checkpoint and not os.path.isfile(bb.checkpoint):
     raise errors.UserError(f'config.backbone.checkpoint={bb.checkpoint!r}: no such file')
+  cc = config.coreset
+  _check('coreset.memory_budget_gb', cc.memory_budget_gb, cc.memory_budget_gb >= 0, '>= 0')
+  if cc.spill_dir and not (os.path.isdir(cc.spill_dir) and os.access(cc.spill_dir, os.W_OK)):
+    raise errors.UserError(f'config.coreset.spill_dir={cc.spill_dir!r}: not a writable folder')
   return settings_from_config(config)
 
 
@@ -159,7 +163,10 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
   model = patchcore.fit(backbone, [s.path for s in train], key=key,
                         holdout=config.calibration.holdout,
                         target_fpr=config.calibration.target_fpr, num_workers=dc.num_workers,
-                        progress=config.output.progress, **dataclasses.asdict(settings))
+                        progress=config.output.progress,
+                        memory_budget_bytes=int(config.coreset.memory_budget_gb * 2**30),
+                        spill_dir=config.coreset.spill_dir or None,
+                        **dataclasses.asdict(settings))
   info = dict(model.info)
   patchcore.precompile(backbone, settings, model.bank)
 

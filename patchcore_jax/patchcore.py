@@ -29,6 +29,8 @@ import collections
 import dataclasses
 import datetime
 import functools
+import os
+import tempfile
 import time
 from typing import Any, NamedTuple, Optional, Tuple
 
@@ -389,6 +391,67 @@ def empty_host_bank(rows, dim):
   return raw[offset:offset + size].view(np.float32).reshape(rows, dim)
 
 
+class DiskBank:
+  """A float32 memory bank [rows, dim] in an unlinked temporary file, for banks above the fit's
+  memory budget.
+
+  Rows are written batch by batch and read back block by block with plain reads, not a memory
+  map: the file's pages sit in the kernel's page cache, which the system reclaims as it needs
+  to, and never count as the process's resident memory. `coreset.project` reads it like a host
+  array (`bank[a:b]`); `take(indices)` gathers the coreset's rows. The file is unlinked as soon
+  as it is created, so nothing is left behind, whatever happens to the process.
+  """
+
+  def __init__(self, rows, dim, *, directory=None):
+    self.shape = (rows, dim)
+    self.dtype = np.dtype(np.float32)
+    self.nbytes = rows * dim * 4
+    self._row_bytes = dim * 4
+    self._file = tempfile.TemporaryFile(dir=directory or None)
+    self._file.truncate(self.nbytes)
+
+  def write(self, start, rows):
+    """Writes rows [n, dim] at row `start`."""
+    rows = np.ascontiguousarray(rows, np.float32)
+    os.pwrite(self._file.fileno(), rows.tobytes(), start * self._row_bytes)
+
+  def _read(self, start, count):
+    data = os.pread(self._file.fileno(), count * self._row_bytes, start * self._row_bytes)
+    if len(data) != count * self._row_bytes:
+      raise OSError(f'short read from the memory bank file: {len(data)} bytes')
+    return np.frombuffer(data, np.float32).reshape(count, self.shape[1])
+
+  def __getitem__(self, rows):
+    if not isinstance(rows, slice):
+      return self.take(rows)
+    start, stop, step = rows.indices(self.shape[0])
+    if step != 1:
+      raise IndexError('DiskBank supports contiguous slices and take(indices) only')
+    out = empty_host_bank(max(stop - start, 0), self.shape[1])
+    out[:] = self._read(start, max(stop - start, 0))
+    return out
+
+  def take(self, indices):
+    """Rows [len(indices), dim] at `indices` (any order), reading runs of consecutive rows."""
+    indices = np.asarray(indices).reshape(-1)
+    order = np.argsort(indices, kind='stable')
+    out = empty_host_bank(len(indices), self.shape[1])
+    sorted_idx = indices[order]
+    i = 0
+    while i < len(sorted_idx):
+      j = i + 1
+      while j < len(sorted_idx) and sorted_idx[j] - sorted_idx[j - 1] <= 1:
+        j += 1
+      first = int(sorted_idx[i])
+      run = self._read(first, int(sorted_idx[j - 1]) - first + 1)
+      out[order[i:j]] = run[sorted_idx[i:j] - first]
+      i = j
+    return out
+
+  def close(self):
+    self._file.close()
+
+
 def timed_iter(iterable, timings, name):
   """Yields from `iterable`, adding the seconds spent waiting for each item to timings[name]
   (when `timings` is a dict; e.g. the wait for images decoded in worker threads)."""
@@ -404,8 +467,9 @@ def timed_iter(iterable, timings, name):
     yield item
 
 
-def build_memory_bank(embed_fn, batches, *, num_images, progress=None, timings=None):
-  """Stacks the patch features of all training images into one [num_images * h * w, D] array.
+def build_memory_bank(embed_fn, batches, *, num_images, progress=None, timings=None,
+                      memory_budget_bytes=None, spill_dir=None):
+  """Stacks the patch features of all training images into one [num_images * h * w, D] bank.
 
   Args:
     embed_fn: images [B, H, W, 3] -> [B, h, w, D].
@@ -414,8 +478,10 @@ def build_memory_bank(embed_fn, batches, *, num_images, progress=None, timings=N
     num_images: total number of images in `batches` (to allocate the bank once).
     progress: optional callable(images done) after every batch.
     timings: optional dict; 'decode_wait' accumulates the seconds spent waiting for batches.
+    memory_budget_bytes: a bank larger than this goes to a `DiskBank` (None: no limit).
+    spill_dir: the DiskBank's directory (None: the system's temporary directory).
   Returns:
-    float32 numpy array [num_images * h * w, D].
+    float32 numpy array [num_images * h * w, D], or a DiskBank of that shape.
   """
   bank = None
   filled = 0
@@ -426,8 +492,18 @@ def build_memory_bank(embed_fn, batches, *, num_images, progress=None, timings=N
     feats = np.asarray(embed_fn(jnp.asarray(images)))[:count]  # [count, h, w, D]
     per_image = feats.shape[1] * feats.shape[2]
     if bank is None:
-      bank = empty_host_bank(num_images * per_image, feats.shape[-1])
-    bank[filled:filled + count * per_image] = feats.reshape(-1, feats.shape[-1])
+      rows, dim = num_images * per_image, feats.shape[-1]
+      if memory_budget_bytes is not None and rows * dim * 4 > memory_budget_bytes:
+        bank = DiskBank(rows, dim, directory=spill_dir)
+        logging.info('memory bank: %.2f GiB > budget %.2f GiB: streaming it to a file in %s',
+                     rows * dim * 4 / 2**30, memory_budget_bytes / 2**30,
+                     spill_dir or tempfile.gettempdir())
+      else:
+        bank = empty_host_bank(rows, dim)
+    if isinstance(bank, DiskBank):
+      bank.write(filled, feats.reshape(-1, feats.shape[-1]))
+    else:
+      bank[filled:filled + count * per_image] = feats.reshape(-1, feats.shape[-1])
     filled += count * per_image
     done = filled // per_image
     if progress is not None:
@@ -447,7 +523,9 @@ def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=
   `progress` shows a progress bar of the greedy iterations (besides the log lines).
 
   A host (numpy) bank stays on the host: only its projection and the selected rows go to the
-  device, so memory holds one full-precision copy of the bank plus its projection.
+  device, so memory holds one full-precision copy of the bank plus its projection. A `DiskBank`
+  is read block by block for the projection and its selected rows gathered from the file: memory
+  then holds the projection, one block and the selected rows.
   """
   start = time.perf_counter()
   bar = progress_bar(int(bank_features.shape[0] * percentage), 'coreset',
@@ -464,7 +542,9 @@ def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=
       num_starts=num_starts, precision=precision, chunk_size=2000, progress=report)
   if bar is not None:
     bar.close()
-  if percentage == 1.0:
+  if isinstance(bank_features, DiskBank):
+    selected = bank_features.take(np.asarray(indices))
+  elif percentage == 1.0:
     selected = bank_features
   elif isinstance(bank_features, np.ndarray):
     selected = bank_features[np.asarray(indices)]
@@ -515,7 +595,7 @@ def split_holdout(num_images, *, holdout, seed):
 
 
 def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers=2,
-        progress=True, **settings):
+        progress=True, memory_budget_bytes=None, spill_dir=None, **settings):
   """Fits PatchCore on good images.
 
   Args:
@@ -528,6 +608,8 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
     key: PRNG key for the coreset (default: jax.random.key(settings.seed)).
     num_workers: image-decoding threads.
     progress: show progress bars (tqdm.auto: in notebooks and terminals).
+    memory_budget_bytes: a memory bank larger than this streams to a file (`DiskBank`) in
+      `spill_dir` (default: the system's temporary directory); None: always in memory.
     **settings: any field of `Settings` (image_size, percentage, k, ...).
   Returns:
     A `PatchCore`.
@@ -554,7 +636,8 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
   bank_features = build_memory_bank(
       lambda x: embed_batch(backbone, x, settings),
       image_batches(train, settings, num_workers=num_workers), num_images=len(train),
-      progress=update, timings=waits)
+      progress=update, timings=waits, memory_budget_bytes=memory_budget_bytes,
+      spill_dir=spill_dir)
   if bar is not None:
     bar.close()
   feature_seconds = time.perf_counter() - t0
@@ -566,8 +649,12 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
   jax.block_until_ready(bank)
   coreset_seconds = time.perf_counter() - t1
   rows = bank_features.shape[0]
+  on_disk = isinstance(bank_features, DiskBank)
+  if on_disk:
+    bank_features.close()
   del bank_features
   info = dict(num_train_images=len(train), num_holdout_images=len(held), memory_bank_rows=rows,
+              memory_bank_storage='disk' if on_disk else 'memory',
               feature_seconds=feature_seconds, coreset_seconds=coreset_seconds,
               decode_wait_seconds=waits.get('decode_wait', 0.0),
               fit_seconds=feature_seconds + coreset_seconds,

@@ -192,3 +192,33 @@ def test_export_runs_without_this_package(model, tiles, tmp_path):
   np.testing.assert_allclose(out['scores'], expected.image_scores, rtol=1e-5)
   np.testing.assert_allclose(out['maps'], expected.maps, rtol=1e-5, atol=1e-5 * expected.maps.max())
   np.testing.assert_array_equal(out['anomalous'], expected.anomalous)
+
+
+def test_disk_bank_reads_what_was_written(tmp_path):
+  rng = np.random.default_rng(0)
+  rows = rng.normal(size=(1000, 24)).astype(np.float32)
+  bank = patchcore.DiskBank(1000, 24, directory=str(tmp_path))
+  assert os.listdir(tmp_path) == []  # Unlinked at once: nothing is left behind.
+  for start in range(0, 1000, 300):
+    bank.write(start, rows[start:start + 300])
+  np.testing.assert_array_equal(bank[:], rows)
+  np.testing.assert_array_equal(bank[123:457], rows[123:457])
+  idx = np.array([999, 3, 4, 5, 500, 4, 0, 998])  # Runs, repeats, any order.
+  np.testing.assert_array_equal(bank.take(idx), rows[idx])
+  with pytest.raises(IndexError):
+    bank[::2]  # pylint: disable=pointless-statement
+  bank.close()
+
+
+def test_streamed_bank_gives_the_same_model(backbone, tiles):
+  # Over the memory budget, the bank goes to a file and is read back for the projection and the
+  # selected rows: the same coreset, bank and scores as in memory.
+  fit = lambda **kw: patchcore.fit(backbone, tiles[0][:8], progress=False, **kw, **SETTINGS)
+  in_memory = fit()
+  streamed = fit(memory_budget_bytes=0)
+  assert dict(in_memory.info)['memory_bank_storage'] == 'memory'
+  assert dict(streamed.info)['memory_bank_storage'] == 'disk'
+  np.testing.assert_array_equal(np.asarray(in_memory.bank.blocks), np.asarray(streamed.bank.blocks))
+  a = patchcore.predict(in_memory, tiles[1][:4], progress=False).image_scores
+  b = patchcore.predict(streamed, tiles[1][:4], progress=False).image_scores
+  np.testing.assert_array_equal(a, b)
