@@ -149,3 +149,21 @@ def test_every_stage_compiles_once_per_shape():
   for _ in range(3):
     predict(backbone.variables, bank, jnp.asarray(rng.random((2, 32, 32, 3), dtype=np.float32)))
   assert predict._cache_size() == 1
+
+
+def test_scale_part_generates_banks_block_by_block(tmp_path):
+  bank = benchmark.GeneratedBank(40000, 32, seed=3, block=16384)
+  whole = np.concatenate([benchmark.structured_bank(min(16384, 40000 - i), 32, seed=3,
+                                                    stream=i // 16384 + 1)
+                          for i in range(0, 40000, 16384)])
+  np.testing.assert_array_equal(bank[16000:17000], whole[16000:17000])  # Across two blocks.
+  np.testing.assert_array_equal(bank[39000:40000], whole[39000:])
+  from configs import benchmark as benchmark_config  # pylint: disable=g-import-not-at-top
+  config = benchmark_config.get_config('backbone=resnet18,size=tiny')
+  with config.unlocked():
+    config.parts = ('scale',)
+    config.scale.rows = (20000,)
+  records = benchmark.run(config, str(tmp_path))
+  assert [r.stage for r in records] == ['scale_projection', 'scale_coreset']
+  assert '20,000 x 1024 generated, 1.0% (200 picks)' in records[1].size
+  assert records[1].limit_seconds > 0 and records[1].median_seconds > 0
