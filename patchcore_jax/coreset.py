@@ -32,34 +32,34 @@ def _project_block(block, matrix):
   return jnp.dot(block, matrix, precision=lax.Precision.HIGHEST)  # [block, d]
 
 
-@functools.partial(jax.jit, static_argnames=('overlap', 'pad'))
-def _stack_transposed(blocks, *, overlap, pad):
-  """[block, d] results -> [d, N + pad]; the last block overlaps the one before by `overlap`
-  rows; `pad` zero columns are appended."""
-  if overlap:
-    blocks = blocks[:-1] + [blocks[-1][overlap:]]
-  if pad:
-    blocks = blocks + [jnp.zeros((pad, blocks[0].shape[1]), blocks[0].dtype)]
-  return jnp.concatenate(blocks, axis=0).T
+@functools.partial(jax.jit, static_argnames=('skip',), donate_argnums=(0,))
+def _put_block(out, block, start, *, skip):
+  """Writes block [rows, d] (its first `skip` rows left out) as columns start + skip.. of
+  out [d, N'], in place (out is donated): XLA's CPU dot writes a transposed output several times
+  slower, so each block's product is computed [rows, d] and transposed here, in cache."""
+  return lax.dynamic_update_slice(out, block[skip:].T, (0, start + skip))
 
 
 def project(features, matrix, *, block_size=16384, pad_to=1):
   """features [N, D] @ matrix [D, d] -> the transposed projection [d, N'], N' = N rounded up to
   a multiple of `pad_to` (zero columns; `greedy_coreset_loop` takes them as padding).
 
-  Works in row blocks taken straight from a host (numpy) bank, so the full bank is never copied to
-  the device; on CPU a 64-byte aligned bank (`patchcore.empty_host_bank`) is not copied at all.
-  When N is not a multiple of the block size the last block starts earlier and overlaps the one
-  before (no padding copy, one compilation of the block product); the result is transposed once
-  at the end, because XLA's CPU dot writes a transposed output several times slower.
+  Works in row blocks taken straight from a host (numpy) bank, or anything that slices like one
+  (`patchcore.DiskBank`), so the full bank is never copied to the device; on CPU a 64-byte
+  aligned bank (`patchcore.empty_host_bank`) is not copied at all. Each block's product is
+  written into the preallocated output in place: memory holds the projection and one block.
+  When N is not a multiple of the block size the last block starts earlier and only its new
+  rows are written (one compilation of the block product).
   """
   n = features.shape[0]
   block_size = min(block_size, n)
-  out = []
+  out = jnp.zeros((matrix.shape[1], n + (-n % pad_to)), jnp.float32)
   for start in range(0, n, block_size):
+    skip = max(0, start + block_size - n)
     start = min(start, n - block_size)
-    out.append(_project_block(np.asarray(features[start:start + block_size], np.float32), matrix))
-  return _stack_transposed(out, overlap=len(out) * block_size - n, pad=-n % pad_to)
+    block = _project_block(np.asarray(features[start:start + block_size], np.float32), matrix)
+    out = _put_block(out, block, start, skip=skip)
+  return out
 
 
 def first_argmax(x):
@@ -77,11 +77,18 @@ def first_argmax(x):
   return (-jnp.max(neg_index)).astype(jnp.int32)
 
 
-def squared_norms(projected_t):
-  """[d, N] -> [N] squared column norms, as a matrix-vector product (XLA's CPU column reduce is
-  4x slower)."""
-  ones = jnp.ones((projected_t.shape[0],), projected_t.dtype)
-  return jnp.dot(ones, projected_t * projected_t, precision=lax.Precision.HIGHEST)
+def squared_norms(projected_t, *, chunk=65536):
+  """[d, N] -> [N] squared column norms, as matrix-vector products (XLA's CPU column reduce is
+  4x slower) over `chunk` columns at a time, so the squares are never a second [d, N] array."""
+  d, n = projected_t.shape
+  ones = jnp.ones((d,), projected_t.dtype)
+  norms = lambda x: jnp.dot(ones, x * x, precision=lax.Precision.HIGHEST)
+  if n <= chunk:
+    return norms(projected_t)
+  starts = jnp.minimum(jnp.arange(0, n, chunk), n - chunk)  # The last chunk ends at n.
+  parts = lax.map(lambda s: norms(lax.dynamic_slice(projected_t, (0, s), (d, chunk))), starts)
+  tail = n - (len(starts) - 1) * chunk
+  return jnp.concatenate([parts[:-1].reshape(-1), parts[-1, chunk - tail:]])
 
 
 squared_norms_jit = jax.jit(squared_norms)
@@ -274,12 +281,11 @@ def initial_distances(projected_t, key, *, num_starts=10, precision='highest', n
   """Squared mean L2 distance [N] of every point to `num_starts` random points (official init);
   with `num_points`, only the first num_points columns are points (the rest is padding)."""
   n = num_points or projected_t.shape[1]
-  projected_t = projected_t[:, :n]
-  norms = squared_norms(projected_t)
+  norms = squared_norms(projected_t)  # On every column: slicing off the padding would copy.
   starts = jax.random.choice(key, n, (min(num_starts, n),), replace=False)
   dists = jax.vmap(lambda s: jnp.sqrt(_sq_dist_to(projected_t, norms, s, lax.Precision(precision))))(
-      starts)  # [num_starts, N]
-  return jnp.square(jnp.mean(dists, axis=0))
+      starts)  # [num_starts, N']
+  return jnp.square(jnp.mean(dists, axis=0))[:n]
 
 
 def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128, num_starts=10,

@@ -167,3 +167,11 @@ def test_padded_projection_gives_the_same_coreset():
   np.testing.assert_array_equal(
       np.asarray(coreset.greedy_coreset_loop(plain, init_plain, num_samples=300)),
       np.asarray(coreset.greedy_coreset_loop(padded, init_padded, num_samples=300)))
+
+
+def test_chunked_squared_norms_round_like_one_product():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(24, 200003)).astype(np.float32))
+  whole = jnp.dot(jnp.ones((24,)), x * x, precision='highest')
+  np.testing.assert_array_equal(np.asarray(jax.jit(coreset.squared_norms)(x)), np.asarray(whole))
+  small = coreset.squared_norms(x, chunk=1000)  # 201 chunks, the last overlapping.
+  np.testing.assert_array_equal(np.asarray(small), np.asarray(whole))
