@@ -17,10 +17,12 @@ and cropped with PIL, alone and in the pipeline's worker threads), 'backbone', '
 'memory_bank', 'anomaly_maps', 'bank' (projection, coreset and kNN over generated banks; with
 `knn.model` also over a saved model's bank and the features of `knn.images`), 'end_to_end' (with
 `end_to_end.data.root`: the whole experiment run as the launcher runs it, and where its wall
-clock went).
+clock went), 'scale' (not run by default: the greedy coreset and a kNN on generated banks of
+`scale.rows` rows, made and projected block by block, on every device JAX sees).
 
 Outputs in DIR: `benchmark.json` (a list of `timing.Record`), `benchmark.md` (the table with the
-machine and command) and `config.json`.
+machine and command), `config.json`, and for 'scale' `scale.json` (rows, picks, seconds per pick,
+read bound, peak RSS per size; `plot_scale` draws them).
 """
 import dataclasses
 import functools
@@ -280,7 +282,7 @@ def bench_scale(config):
   """The greedy coreset on generated banks of config.scale.rows rows x target_dim, generated and
   projected block by block (the bank is never whole in memory), over every device JAX sees
   (several: the sharded loop, `sharded.greedy_coreset_loop`). -> records."""
-  records = []
+  records, summary = [], []
   devices = len(jax.devices())
   dim = config.features.target_dim
   for rows in config.scale.rows:
@@ -326,8 +328,70 @@ def bench_scale(config):
              f'the [{config.bank.projection_dim}, {rows:,}] projection once '
              f'({projected_t.nbytes / 2**30:.2f} GiB), a plain loop\'s cost per pick; peak RSS '
              f'so far {timing.peak_rss_bytes() / 2**30:.2f} GiB'))
+    summary.append({'rows': rows, 'devices': devices, 'picks': num_samples,
+                    'seconds_per_pick': float(np.median(times)), 'read_seconds': read_limit,
+                    'prepare_seconds': prepare, 'peak_rss_bytes': timing.peak_rss_bytes()})
     del projected_t, init
-  return records
+    # kNN of one batch of images' patches against the bank's first num_samples rows (a bank of
+    # the coreset's size): the scan on one device, or split over the devices.
+    knn_bank = knn.prepare_bank(jnp.asarray(bank[:num_samples]), block_size=config.knn.block_size)
+    queries = jnp.asarray(structured_bank(config.batch_size * config.scale.patches_per_image,
+                                          dim, seed=config.seed, stream=0))
+    knn_label = (f'{queries.shape[0]:,} queries x {num_samples:,}-row bank (first rows of the '
+                 f'{rows:,})')
+    if devices > 1:
+      search = lambda q, b: sharded.nearest_neighbours(q, b, mesh=mesh)
+      knn_bank = sharded.shard_bank(knn_bank, mesh)
+    else:
+      search = lambda q, b: knn.nearest_neighbours(q, b)
+    records.append(timing.time_jit('scale_knn', knn_label, search, (queries, knn_bank),
+                                   repeats=max(config.scale.repeats, 3),
+                                   per=config.batch_size))
+    if devices > 1:
+      records[-1] = dataclasses.replace(records[-1], mode=mode,
+                                        note='sharded.nearest_neighbours, per image')
+    else:
+      records[-1] = dataclasses.replace(records[-1], note='knn.nearest_neighbours, per image')
+  return records, summary
+
+
+def plot_scale(summaries, path, *, size=(900, 380)):
+  """A PNG of peak RSS and seconds per pick (with the read bound) against bank rows, log-log,
+  from the `scale.json` lists of one or more 'scale' runs. PIL only."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  points = sorted((p for s in summaries for p in s), key=lambda p: p['rows'])
+  width, height = size
+  image = Image.new('RGB', size, 'white')
+  draw = ImageDraw.Draw(image)
+  panels = [('peak RSS (GiB)', [('peak RSS', [p['peak_rss_bytes'] / 2**30 for p in points],
+                                 (31, 119, 180))]),
+            ('ms per greedy pick', [('lazy loop', [1e3 * p['seconds_per_pick'] for p in points],
+                                     (31, 119, 180)),
+                                    ('read bound', [1e3 * p['read_seconds'] for p in points],
+                                     (214, 39, 40))])]
+  rows = np.log10([p['rows'] for p in points])
+  for k, (title, series) in enumerate(panels):
+    left, top, w, h = 60 + k * width // 2, 40, width // 2 - 100, height - 100
+    values = np.log10([v for _, ys, _ in series for v in ys])
+    lo, hi = np.floor(values.min()), np.ceil(values.max())
+    hi = max(hi, lo + 1)
+    xlo, xhi = np.floor(rows.min() * 2) / 2, np.ceil(rows.max() * 2) / 2
+    xy = lambda x, y: (left + w * (x - xlo) / (xhi - xlo), top + h - h * (y - lo) / (hi - lo))
+    draw.rectangle([left, top, left + w, top + h], outline='black')
+    draw.text((left, 10), title + ' against bank rows (log-log)', fill='black')
+    for e in np.arange(lo, hi + 1):
+      y = xy(xlo, e)[1]
+      draw.line([left - 4, y, left, y], fill='black')
+      draw.text((left - 50, y - 6), f'{10 ** e:g}', fill='black')
+    for x, p in zip(rows, points):
+      draw.text((xy(x, lo)[0] - 20, top + h + 6), f'{p["rows"] / 1e6:.2g}M', fill='black')
+    for j, (name, ys, colour) in enumerate(series):
+      line = [xy(x, np.log10(y)) for x, y in zip(rows, ys)]
+      draw.line(line, fill=colour, width=2)
+      for cx, cy in line:
+        draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+      draw.text((left + 8, top + 8 + 14 * j), name, fill=colour)
+  image.save(path)
 
 
 def bench_bank_and_coreset(config, *, patches_per_image, dim):
@@ -613,7 +677,9 @@ def run(config, workdir):
   if 'end_to_end' in config.parts and config.end_to_end.data.root:
     records += bench_end_to_end(config, workdir)
   if 'scale' in config.parts:
-    records += bench_scale(config)
+    scale_records, summary = bench_scale(config)
+    records += scale_records
+    workdir_lib.write_json(os.path.join(workdir, 'scale.json'), summary)
   workdir_lib.write_json(os.path.join(workdir, 'benchmark.json'),
                          [dataclasses.asdict(r) for r in records])
   table = markdown(records, machine=timing.machine_description(), memory=memory, config=config)

@@ -41,7 +41,7 @@ def row_mesh(num_devices=None, *, axis=AXIS):
   if not 1 <= num_devices <= len(devices):
     raise ValueError(f'mesh of {num_devices} devices requested, {len(devices)} available')
   return jax.make_mesh((num_devices,), (axis,), devices=devices[:num_devices],
-                       axis_types=(jax.sharding.AxisType.Explicit,))
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def shard_batch(images, mesh, *, axis=AXIS):
@@ -100,9 +100,9 @@ def greedy_coreset_loop(projected_t, init_dist, *, num_samples, mesh, axis=AXIS,
   rows, replicated = P(axis), P()
   state_spec = coreset.GreedyState(rows, rows, rows, replicated, replicated, replicated)
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  norms = put(coreset.squared_norms_jit(projected_t), rows)
   projected_t = put(projected_t, P(None, axis))
   state = jax.tree.map(put, state, state_spec)
-  norms = put(coreset.squared_norms_jit(projected_t), rows)
   run = jax.jit(jax.shard_map(
       functools.partial(_sharded_picks, num_samples=num_samples, block=block, chunk=centre_chunk,
                         precision=precision, axis=axis),

@@ -164,6 +164,12 @@ def test_scale_part_generates_banks_block_by_block(tmp_path):
     config.parts = ('scale',)
     config.scale.rows = (20000,)
   records = benchmark.run(config, str(tmp_path))
-  assert [r.stage for r in records] == ['scale_projection', 'scale_coreset']
+  assert [r.stage for r in records] == ['scale_projection', 'scale_coreset', 'scale_knn']
+  summary = json.load(open(tmp_path / 'scale.json'))
+  assert summary[0]['rows'] == 20000 and summary[0]['picks'] == 200
+  second = dict(summary[0], rows=40000, peak_rss_bytes=2 * summary[0]['peak_rss_bytes'])
+  benchmark.plot_scale([summary, [second]], str(tmp_path / 'scale.png'))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  assert Image.open(tmp_path / 'scale.png').size == (900, 380)
   assert '20,000 x 1024 generated, 1.0% (200 picks)' in records[1].size
   assert records[1].limit_seconds > 0 and records[1].median_seconds > 0
