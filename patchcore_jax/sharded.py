@@ -103,12 +103,22 @@ def greedy_coreset_loop(projected_t, init_dist, *, num_samples, mesh, axis=AXIS,
   norms = put(coreset.squared_norms_jit(projected_t), rows)
   projected_t = put(projected_t, P(None, axis))
   state = jax.tree.map(put, state, state_spec)
-  run = jax.jit(jax.shard_map(
-      functools.partial(_sharded_picks, num_samples=num_samples, block=block, chunk=centre_chunk,
+  run = _compiled_picks(mesh, axis, num_samples, block, centre_chunk, precision)
+  return run(projected_t, norms, state).selected
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_picks(mesh, axis, num_samples, block, chunk, precision):
+  """The jitted, shard_mapped loop, one per mesh and shape (calls reuse its compilation)."""
+  rows, replicated = P(axis), P()
+  state_spec = coreset.GreedyState(rows, rows, rows, replicated, replicated, replicated)
+  # check_vma=False: the collectives are explicit (pmax/pmin/psum), and the loop carry mixes
+  # per-device (distances) and replicated (centres) values.
+  return jax.jit(jax.shard_map(
+      functools.partial(_sharded_picks, num_samples=num_samples, block=block, chunk=chunk,
                         precision=precision, axis=axis),
       mesh=mesh, in_specs=(P(None, axis), rows, state_spec), out_specs=state_spec,
       check_vma=False))
-  return run(projected_t, norms, state).selected
 
 
 def shard_bank(bank, mesh, *, axis=AXIS):
@@ -137,6 +147,8 @@ def _sharded_scan(queries, blocks, norms, *, k, precision, axis):
 def nearest_neighbours(queries, bank, *, mesh, axis=AXIS, k=1, precision='highest'):
   """`knn.nearest_neighbours` over a bank from `shard_bank`: queries [P, D] (replicated) ->
   (squared distances [P, k], indices [P, k] into the unsharded bank), equal to one device's."""
+  # check_vma=False: the scan's carry starts replicated and becomes per-device; the combination
+  # is the explicit all_gather.
   return jax.shard_map(
       functools.partial(_sharded_scan, k=k, precision=lax.Precision(precision), axis=axis),
       mesh=mesh, in_specs=(P(), P(axis), P(axis)), out_specs=(P(), P()), check_vma=False)(
