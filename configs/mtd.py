@@ -10,6 +10,8 @@ defective tiles test. Tiles are not square: they are resized to 224 x 224 withou
 Expected (image AUROC / pixel AUROC / AU-PRO, measured on a 2-core CPU, see README):
   backbone=vgg16,percentage=0.01              0.8889 / 0.7187 / 0.7194  (official: 0.8940 / 0.7158 / 0.7276)
   backbone=efficientnet_lite2,percentage=0.01 0.9020 / 0.7473 / 0.7180
+The bank (596,624 x 1024, 2.3 GiB) streamed to a temporary file instead of memory: add
+  --config.coreset.memory_budget_gb=0   -> the same metrics; peak RSS 2.8 GB instead of 4.4 (vgg16).
 """
 from configs import common
 
