@@ -341,17 +341,12 @@ def bench_scale(config):
                  f'{rows:,})')
     if devices > 1:
       search = lambda q, b: sharded.nearest_neighbours(q, b, mesh=mesh)
-      knn_bank = sharded.shard_bank(knn_bank, mesh)
+      knn_bank, note = sharded.shard_bank(knn_bank, mesh), 'sharded.nearest_neighbours'
     else:
-      search = lambda q, b: knn.nearest_neighbours(q, b)
-    records.append(timing.time_jit('scale_knn', knn_label, search, (queries, knn_bank),
-                                   repeats=max(config.scale.repeats, 3),
-                                   per=config.batch_size))
-    if devices > 1:
-      records[-1] = dataclasses.replace(records[-1], mode=mode,
-                                        note='sharded.nearest_neighbours, per image')
-    else:
-      records[-1] = dataclasses.replace(records[-1], note='knn.nearest_neighbours, per image')
+      search, note = lambda q, b: knn.nearest_neighbours(q, b), 'knn.nearest_neighbours'
+    knn_record = timing.time_jit('scale_knn', knn_label, search, (queries, knn_bank),
+                                 repeats=max(config.scale.repeats, 3), per=config.batch_size)
+    records.append(dataclasses.replace(knn_record, mode=mode, note=f'{note}, per image'))
   return records, summary
 
 

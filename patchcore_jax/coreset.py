@@ -209,6 +209,17 @@ def _greedy_chunk(projected_t, norms, state, start, stop, *, block, chunk, preci
   return lax.fori_loop(start, stop, body, state)
 
 
+def pad_to_blocks(projected_t, *, block_size=BLOCK_SIZE, devices=1):
+  """(projected_t with zero columns appended, block): columns split into `devices` equal shares
+  of whole blocks of `block` <= block_size columns (a copy only when padding is needed)."""
+  per_device = -(-projected_t.shape[1] // devices)
+  block = min(block_size, -(-per_device // 8) * 8)
+  cols = -(-per_device // block) * block * devices
+  if cols != projected_t.shape[1]:
+    projected_t = _pad_columns(projected_t, cols=cols)
+  return projected_t, block
+
+
 @functools.partial(jax.jit, static_argnames=('cols',))
 def _pad_columns(projected_t, *, cols):
   return jnp.pad(projected_t, ((0, 0), (0, cols - projected_t.shape[1])))
@@ -258,10 +269,7 @@ def greedy_coreset_loop(projected_t, init_dist, *, num_samples, precision='highe
   n = init_dist.shape[0]
   if num_samples > n:
     raise ValueError(f'cannot pick {num_samples} of {n} points')
-  block = min(block_size, -(-projected_t.shape[1] // 8) * 8)
-  cols = -(-projected_t.shape[1] // block) * block
-  if cols != projected_t.shape[1]:
-    projected_t = _pad_columns(projected_t, cols=cols)
+  projected_t, block = pad_to_blocks(projected_t, block_size=block_size)
   chunk_size = chunk_size or num_samples
   state = initial_state(projected_t, init_dist, num_samples=num_samples, block=block,
                         chunk=centre_chunk)

@@ -90,34 +90,33 @@ def greedy_coreset_loop(projected_t, init_dist, *, num_samples, mesh, axis=AXIS,
   n = init_dist.shape[0]
   if num_samples > n:
     raise ValueError(f'cannot pick {num_samples} of {n} points')
-  per_device = -(-projected_t.shape[1] // devices)
-  block = min(block_size, -(-per_device // 8) * 8)
-  cols = -(-per_device // block) * block * devices
-  if cols != projected_t.shape[1]:
-    projected_t = jnp.pad(projected_t, ((0, 0), (0, cols - projected_t.shape[1])))
+  projected_t, block = coreset.pad_to_blocks(projected_t, block_size=block_size, devices=devices)
   state = coreset.initial_state(projected_t, init_dist, num_samples=num_samples, block=block,
                                 chunk=centre_chunk)
-  rows, replicated = P(axis), P()
-  state_spec = coreset.GreedyState(rows, rows, rows, replicated, replicated, replicated)
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
-  norms = put(coreset.squared_norms_jit(projected_t), rows)
+  norms = put(coreset.squared_norms_jit(projected_t), P(axis))
   projected_t = put(projected_t, P(None, axis))
-  state = jax.tree.map(put, state, state_spec)
+  state = jax.tree.map(put, state, _state_spec(axis))
   run = _compiled_picks(mesh, axis, num_samples, block, centre_chunk, precision)
   return run(projected_t, norms, state).selected
+
+
+def _state_spec(axis):
+  """Per-device distances, block maxima and counters; replicated centres and picks."""
+  rows, replicated = P(axis), P()
+  return coreset.GreedyState(rows, rows, rows, replicated, replicated, replicated)
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled_picks(mesh, axis, num_samples, block, chunk, precision):
   """The jitted, shard_mapped loop, one per mesh and shape (calls reuse its compilation)."""
-  rows, replicated = P(axis), P()
-  state_spec = coreset.GreedyState(rows, rows, rows, replicated, replicated, replicated)
+  state_spec = _state_spec(axis)
   # check_vma=False: the collectives are explicit (pmax/pmin/psum), and the loop carry mixes
   # per-device (distances) and replicated (centres) values.
   return jax.jit(jax.shard_map(
       functools.partial(_sharded_picks, num_samples=num_samples, block=block, chunk=chunk,
                         precision=precision, axis=axis),
-      mesh=mesh, in_specs=(P(None, axis), rows, state_spec), out_specs=state_spec,
+      mesh=mesh, in_specs=(P(None, axis), P(axis), state_spec), out_specs=state_spec,
       check_vma=False))
 
 
