@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from patchcore_jax import benchmark
 from patchcore_jax import errors
 from patchcore_jax import experiment
+from patchcore_jax import multihost
 from patchcore_jax import predict_job
 
 _JOBS = {'patchcore': experiment.run, 'benchmark': benchmark.run, 'predict': predict_job.run}
@@ -63,6 +64,11 @@ def main(argv):
     job = config.get('job', 'patchcore')  # A config file that failed to load raises here.
   except Exception as error:  # pylint: disable=broad-except
     _user_error(f'cannot load the config ({type(error).__name__}): {_describe(error)}')
+  try:
+    if 'distributed' in config:  # Joins the other processes before any device is used.
+      multihost.initialize(config.distributed)
+  except errors.UserError as error:
+    _user_error(error)
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   logging.info('config:\n%s', config)
   try:

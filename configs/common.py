@@ -17,10 +17,25 @@ def parse_arg(arg, **defaults):
 def get_base_config(backbone='efficientnet_lite2'):
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Devices to split the work over (patchcore_jax.sharded): image batches data-parallel, the
+  # coreset's projection and the test-time bank by rows. 1: one device; 0: every device (over
+  # every process with config.distributed). data.batch_size must be a multiple of it.
+  config.devices = 1
+  # Several processes as one job (patchcore_jax.multihost): each reads its share of the images;
+  # the coreset spans every process's devices; process 0 writes the outputs. '' : one process.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ''  # host:port of process 0, e.g. 10.0.0.1:12345.
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
+  config.distributed.timeout_seconds = 300  # How long to wait for the other processes to join.
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'mvtec'  # mvtec | mtd | folder | synthetic
   config.data.root = ''  # Dataset root (for mvtec: the folder holding the category folders).
+  # folder: read the files under data.root; tfds: read TFDS array_record datasets built from them
+  # (on first use; then data.root may be empty) under data.tfds_data_dir (data.tfds_builders).
+  config.data.source = 'folder'
+  config.data.tfds_data_dir = ''  # '': TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
   config.data.categories = ('bottle',)  # mvtec / synthetic categories to run.
   config.data.transform = 'resize_crop'  # resize_crop: shorter side -> resize, centre crop; resize: square.
   config.data.resize = 256  # Shorter side before the centre crop (resize_crop only).

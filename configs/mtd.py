@@ -12,6 +12,8 @@ Expected (image AUROC / pixel AUROC / AU-PRO, measured on a 2-core CPU, see READ
   backbone=efficientnet_lite2,percentage=0.01 0.9020 / 0.7473 / 0.7180
 The bank (596,624 x 1024, 2.3 GiB) streamed to a temporary file instead of memory: add
   --config.coreset.memory_budget_gb=0   -> the same metrics; peak RSS 2.8 GB instead of 4.4 (vgg16).
+Through TFDS (built once as magnetic_tile_defects, array_record): add --config.data.source=tfds
+  -> the same metrics and scores (measured: efficientnet_lite2 at 0.01; building took 0.50 s).
 """
 from configs import common
 

@@ -10,8 +10,8 @@ The workflow, for a notebook or a script:
   pc.export(model, 'exported/bottle')           # runs with jax + numpy alone
 
 The stages are modules of plain functions to compose: `backbones`, `features`, `coreset`, `knn`,
-`scoring`, `metrics`, `data`, `visualize`; `experiment.run(config, workdir)` is what
-`launch.py` runs.
+`scoring`, `metrics`, `data`, `visualize`; `sharded` (a device mesh) and `multihost` (several
+processes) spread fit and predict; `experiment.run(config, workdir)` is what `launch.py` runs.
 """
 from patchcore_jax import backbones
 from patchcore_jax import coreset
@@ -21,8 +21,10 @@ from patchcore_jax import experiment
 from patchcore_jax import features
 from patchcore_jax import knn
 from patchcore_jax import metrics
+from patchcore_jax import multihost
 from patchcore_jax import patchcore
 from patchcore_jax import scoring
+from patchcore_jax import sharded
 from patchcore_jax import visualize
 from patchcore_jax.deploy import export
 from patchcore_jax.patchcore import Calibration

@@ -297,7 +297,8 @@ def initial_distances(projected_t, key, *, num_starts=10, precision='highest', n
 
 
 def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128, num_starts=10,
-                               precision='highest', chunk_size=None, progress=None):
+                               precision='highest', chunk_size=None, progress=None, loop=None,
+                               pad_to=BLOCK_SIZE):
   """Indices of the approximate greedy coreset of `features`.
 
   Args:
@@ -308,6 +309,10 @@ def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128,
     num_starts: random starting points for the initial distances (official: 10).
     precision: matmul precision in the distance computations.
     chunk_size, progress: see `greedy_coreset_loop`.
+    loop: the greedy loop, called as `greedy_coreset_loop` is (default: it; e.g. a partial of
+      `sharded.greedy_coreset_loop` with its mesh).
+    pad_to: the projection's columns are padded to a multiple of this (so that `loop` needs no
+      padded copy: BLOCK_SIZE x devices for the sharded loop).
   Returns:
     [int(N * percentage)] int32 indices into `features`, in selection order; arange(N) for 1.0.
   """
@@ -321,8 +326,9 @@ def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128,
     raise ValueError(f'percentage {percentage} of {n} features keeps no point')
   proj_key, start_key = jax.random.split(key)
   projected_t = project(features, random_projection(proj_key, features.shape[1], projection_dim),
-                        pad_to=BLOCK_SIZE)
+                        pad_to=pad_to)
   init = initial_distances(projected_t, start_key, num_starts=num_starts, precision=precision,
                            num_points=n)
-  return greedy_coreset_loop(projected_t, init, num_samples=num_samples, precision=precision,
-                             chunk_size=chunk_size, progress=progress)
+  return (loop or greedy_coreset_loop)(projected_t, init, num_samples=num_samples,
+                                       precision=precision, chunk_size=chunk_size,
+                                       progress=progress)

@@ -27,14 +27,17 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from patchcore_jax import backbones
 from patchcore_jax import data as data_lib
 from patchcore_jax import errors
 from patchcore_jax import metrics
+from patchcore_jax import multihost
 from patchcore_jax import patchcore
 from patchcore_jax import saving
+from patchcore_jax import sharded
 from patchcore_jax import visualize
 from patchcore_jax import workdir as workdir_lib
 
@@ -65,6 +68,7 @@ def validate_config(config):
   the field, its value and what is allowed. Returns the `patchcore.Settings` it describes."""
   dc, bb, cal, out = config.data, config.backbone, config.calibration, config.output
   _check('data.name', dc.name, dc.name in data_lib.DATASETS, f'one of {data_lib.DATASETS}')
+  _check('data.source', dc.source, dc.source in data_lib.SOURCES, f'one of {data_lib.SOURCES}')
   if dc.name == 'mvtec':
     unknown = [c for c in dc.categories if c not in data_lib.MVTEC_CATEGORIES]
     _check('data.categories', tuple(dc.categories), dc.categories and not unknown,
@@ -87,6 +91,15 @@ def validate_config(config):
   _check('output.num_overlays', out.num_overlays, out.num_overlays >= 0, '>= 0')
   if bb.checkpoint and not os.path.isfile(bb.checkpoint):
     raise errors.UserError(f'config.backbone.checkpoint={bb.checkpoint!r}: no such file')
+  _check('devices', config.devices, config.devices >= 0, '>= 0 (0: every device)')
+  local = jax.local_devices()
+  if config.devices > len(local):
+    raise errors.UserError(f'config.devices={config.devices} is not allowed: this process has '
+                           f'{len(local)} device(s): {local}')
+  devices = config.devices or len(local)
+  if dc.batch_size % devices:
+    raise errors.UserError(f'config.data.batch_size={dc.batch_size} is not allowed: must be a '
+                           f'multiple of the {devices} devices (config.devices)')
   cc = config.coreset
   _check('coreset.memory_budget_gb', cc.memory_budget_gb, cc.memory_budget_gb >= 0, '>= 0')
   if cc.spill_dir and not (os.path.isdir(cc.spill_dir) and os.access(cc.spill_dir, os.W_OK)):
@@ -145,11 +158,18 @@ def calibrate_on_test(model, labels, image_scores, masks=None, maps=None):
   return model.replace(calibration=dataclasses.replace(cal, **changes)), test
 
 
-def run_category(config, backbone, split, workdir, key, no_mask=(), settings=None):
+def make_mesh(config):
+  """The mesh of this process's devices `config.devices` asks for, or None for one device."""
+  devices = config.devices or len(jax.local_devices())
+  return None if devices == 1 else sharded.row_mesh(devices, devices=jax.local_devices())
+
+
+def run_category(config, backbone, split, workdir, key, no_mask=(), settings=None, mesh=None):
   """Fits PatchCore on `split.train`, evaluates on `split.test`; returns the results record.
 
   `no_mask`: defective test samples without a mask (from `data.check_split`), left out of the
   pixel metrics and named in the record. `settings`: from `validate_config` (derived if None).
+  `mesh`: the devices to split the work over (`make_mesh`; None: one device).
   """
   dc = config.data
   settings = settings or settings_from_config(config)
@@ -159,26 +179,29 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
 
   category_start = time.perf_counter()
   compile_before = patchcore.compile_seconds_total[0]
-  patchcore.precompile(backbone, settings)  # Once per process for this backbone and shape.
-  model = patchcore.fit(backbone, [s.path for s in train], key=key,
+  patchcore.precompile(backbone, settings, mesh=mesh)  # Once per process and shape.
+  model = patchcore.fit(backbone, train, key=key,
                         holdout=config.calibration.holdout,
                         target_fpr=config.calibration.target_fpr, num_workers=dc.num_workers,
                         progress=config.output.progress,
                         memory_budget_bytes=int(config.coreset.memory_budget_gb * 2**30),
-                        spill_dir=config.coreset.spill_dir or None,
+                        spill_dir=config.coreset.spill_dir or None, mesh=mesh,
                         **dataclasses.asdict(settings))
   info = dict(model.info)
-  patchcore.precompile(backbone, settings, model.bank)
+  patchcore.precompile(backbone, settings,
+                       model.bank if mesh is None else sharded.shard_bank(model.bank, mesh), mesh)
 
   n_test = len(split.test)
-  image_scores = np.empty((n_test,), np.float32)
-  maps = np.empty((n_test, dc.image_size, dc.image_size), np.float32)
-  masks = np.empty((n_test, dc.image_size, dc.image_size), bool)
+  first, last = multihost.share(n_test)  # This process's test images (all with one process).
+  n_mine = last - first
+  image_scores = np.empty((n_mine,), np.float32)
+  maps = np.empty((n_mine, dc.image_size, dc.image_size), np.float32)
+  masks = np.empty((n_mine, dc.image_size, dc.image_size), bool)
   done = 0
 
   def batches():
     for images, batch_masks, count in data_lib.iterate_batches(
-        split.test, batch_size=dc.batch_size, image_config=settings.image_config,
+        split.test[first:last], batch_size=dc.batch_size, image_config=settings.image_config,
         with_masks=True, num_workers=dc.num_workers):
       masks[done:done + count] = batch_masks[:count]
       yield images, count
@@ -186,17 +209,22 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
   inference_seconds = 0.0
   test_start = time.perf_counter()
   test_timings = {}
-  for scores, batch_maps, _, seconds in patchcore.predict_batches(model, batches(),
-                                                                  timings=test_timings):
+  for scores, batch_maps, _, seconds in patchcore.predict_batches(
+      model, batches(), timings=test_timings, mesh=mesh):
     count = len(scores)
     image_scores[done:done + count] = scores
     maps[done:done + count] = batch_maps
     inference_seconds += seconds
     done += count
     logging.log_every_n_seconds(logging.INFO, '[%s] scored %d/%d test images', 10, split.name,
-                                done, n_test)
+                                done, n_mine)
 
   test_seconds = time.perf_counter() - test_start
+  if jax.process_count() > 1:  # Every process's share, in order, on every process.
+    image_scores = multihost.allgather_rows(image_scores)
+    maps = multihost.allgather_rows(maps)
+    masks = multihost.allgather_rows(masks)
+    inference_seconds = float(np.sum(multihost.allgather_rows(np.array([inference_seconds]))))
   metrics_start = time.perf_counter()
   labels = np.array([s.label for s in split.test])
   has_masks = split.has_masks
@@ -220,8 +248,10 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
       'num_train_images': info['num_train_images'],
       'num_holdout_images': info['num_holdout_images'],
       'num_test_images': n_test,
+      'devices': 1 if mesh is None else mesh.size,  # Per process.
+      'processes': jax.process_count(),
       'num_excluded_from_pixel_metrics': len(no_mask) if has_masks else 0,
-      'excluded_from_pixel_metrics': [os.path.relpath(s.path, split.root) for s in no_mask]
+      'excluded_from_pixel_metrics': [split.relative(s.path) for s in no_mask]
                                      if has_masks else [],
       'image_threshold': cal.image_threshold,
       'image_threshold_source': cal.image_threshold_source,
@@ -235,6 +265,8 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
     result['test_fpr_at_threshold'] = float(decided[good].mean()) if good.any() else None
     result['test_tpr_at_threshold'] = float(decided[bad].mean()) if bad.any() else None
   writing_start = time.perf_counter()
+  if jax.process_index() != 0:  # Process 0 writes every output.
+    return result
   _write_scores(os.path.join(workdir, 'scores', f'{split.name}.csv'), split, labels, image_scores)
   _write_overlays(os.path.join(workdir, 'maps', split.name), split, model, image_scores, maps,
                   masks, config.output.num_overlays)
@@ -267,7 +299,7 @@ def _write_scores(path, split, labels, scores):
   writer = csv.writer(out)
   writer.writerow(['path', 'label', 'score'])
   for sample, label, score in zip(split.test, labels, scores):
-    writer.writerow([os.path.relpath(sample.path, split.root), int(label), repr(float(score))])
+    writer.writerow([split.relative(sample.path), int(label), repr(float(score))])
   workdir_lib.write_text(path, out.getvalue())
 
 
@@ -282,9 +314,10 @@ def _write_overlays(directory, split, model, image_scores, maps, masks, count):
   os.makedirs(directory, exist_ok=True)
   for i in _overlay_indices(split, count):
     sample = split.test[i]
-    image = data_lib.load_image(sample.path, **model.settings.image_config)
+    image = data_lib.load_image(data_lib.open_file(sample, sample.path),
+                                **model.settings.image_config)
     stem = os.path.splitext(os.path.basename(sample.path))[0]
-    lines, ticks = visualize.caption(os.path.relpath(sample.path, split.root), image_scores[i],
+    lines, ticks = visualize.caption(split.relative(sample.path), image_scores[i],
                                      model.calibration)
     workdir_lib.save_png(
         os.path.join(directory, f'{sample.defect}_{stem}.png'),
@@ -310,6 +343,23 @@ def results_table(results):
   return '\n'.join(lines)
 
 
+def _run_secondary(config, workdir):
+  """Process p > 0 of a multi-process job: the same work, no outputs (process 0 writes them);
+  its logs name its share. Returns the results as process 0 computed them."""
+  del workdir
+  settings = validate_config(config)
+  multihost_utils.sync_global_devices('data ready')  # Process 0 has built any TFDS dataset.
+  splits = data_lib.get_splits(config.data)
+  backbone = load_backbone(config)
+  mesh = make_mesh(config)
+  results = {}
+  for i, (name, split) in enumerate(splits.items()):
+    key = jax.random.fold_in(jax.random.key(config.seed), i)
+    results[name] = run_category(config, backbone, split, None, key, data_lib.check_split(split),
+                                 settings, mesh)
+  return results
+
+
 def run(config, workdir):
   """Runs PatchCore as `config` says on every category; writes outputs into `workdir`.
 
@@ -323,8 +373,16 @@ def run(config, workdir):
   if config.data.name == 'synthetic' and not config.data.root:
     with config.unlocked():
       config.data.root = os.path.join(workdir, 'data')
+  multihost.initialize(config.distributed)  # Before any device is used.
+  if jax.process_index() != 0:
+    return _run_secondary(config, workdir)
   settings = validate_config(config)
-  splits = data_lib.get_splits(config.data)
+  data_info = {}
+  try:
+    splits = data_lib.get_splits(config.data, data_info)
+  finally:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('data ready')  # The other processes read it now.
   no_masks = {}
   for name, split in splits.items():
     no_masks[name] = data_lib.check_split(split)
@@ -337,6 +395,7 @@ def run(config, workdir):
     workdir_lib.write_text(os.path.join(workdir, 'config.json'),
                            config.to_json_best_effort(indent=2))
     backbone = load_backbone(config)
+    mesh = make_mesh(config)
     logging.info('backbone %s, stages %s (strides %s)', backbone.name, backbone.stages,
                  [backbone.strides.get(s) for s in backbone.stages])
     start = time.perf_counter()
@@ -344,8 +403,10 @@ def run(config, workdir):
     for i, (name, split) in enumerate(splits.items()):
       key = jax.random.fold_in(jax.random.key(config.seed), i)
       results[name] = run_category(config, backbone, split, workdir, key, no_masks[name],
-                                   settings)
+                                   settings, mesh)
       results[name]['status'] = 'complete'
+      if name in data_info:  # TFDS: the dataset read and what building it cost.
+        results[name]['data'] = data_info[name]
       workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
       workdir_lib.mark_done(workdir, status, name)
     table = results_table(results)

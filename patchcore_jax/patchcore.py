@@ -16,6 +16,13 @@ stage is built once per process for each backbone, setting and shape (`compiled`
 the predictions after it, and every category of a multi-category run, share one backbone
 compilation.
 
+Many devices. `fit`, `predict` and `predict_batches` take a `mesh` (`sharded.row_mesh`): image
+batches are split over its devices (data parallel), the coreset runs with the projection's
+columns split over them (`sharded.greedy_coreset_loop`, the same picks), and test patches are
+searched in the bank split by rows (`sharded.shard_bank`, `sharded.nearest_neighbours`: the same
+neighbours; the distances are the exact scan's, which the one-device screened search matches to
+float32 rounding). The batch size must be a multiple of the mesh's size.
+
 Calibration. A threshold turns scores into decisions: an image is anomalous when its score is
 above `image_threshold`. It comes from good images held out of the fit (`holdout`, the
 inspection setting: with n held-out scores and `target_fpr`, the threshold is the (m+1)-th
@@ -45,7 +52,9 @@ from patchcore_jax import coreset
 from patchcore_jax import errors
 from patchcore_jax import features as features_lib
 from patchcore_jax import knn
+from patchcore_jax import multihost
 from patchcore_jax import scoring
+from patchcore_jax import sharded
 from patchcore_jax.data import common as data_common
 from patchcore_jax.data import transforms
 from patchcore_jax.version import __version__
@@ -250,7 +259,8 @@ def compiled(fn, static, *args):
     The compiled executable; call it with arrays of the same shapes and dtypes.
   """
   leaves, treedef = jax.tree_util.tree_flatten(args)
-  key = (fn, static, treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+  key = (fn, static, treedef, tuple((tuple(x.shape), str(x.dtype), _mesh_sharding(x))
+                                    for x in leaves))
   if key in _COMPILED:
     _COMPILED.move_to_end(key)
     return _COMPILED[key]
@@ -261,6 +271,12 @@ def compiled(fn, static, *args):
   if len(_COMPILED) > _MAX_COMPILED:
     _COMPILED.popitem(last=False)
   return executable
+
+
+def _mesh_sharding(x):
+  """x's NamedSharding (a mesh-placed input compiles separately), else None."""
+  sharding = getattr(x, 'sharding', None)
+  return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
 def _embed(variables, images, *, model, stages, patch_size, stride, pretrain_dim, target_dim):
@@ -286,33 +302,97 @@ def _score(bank, feats, *, image_size, k, distance, sigma, reweight, reweight_ne
   return image_scores, maps, grid
 
 
+def _score_sharded(bank, feats, *, mesh, image_size, k, distance, sigma, reweight,
+                   reweight_neighbours, precision):
+  """`_score` with the bank split by rows over `mesh` (`sharded.shard_bank`)."""
+  b, h, w, d = feats.shape
+  sq_dist, nn_index = sharded.nearest_neighbours(feats.reshape(b * h * w, d), bank, mesh=mesh,
+                                                 k=k, precision=precision)
+  sq_dist, nn_index = sq_dist.reshape(b, h * w, k), nn_index.reshape(b, h * w, k)
+  scores = scoring.patch_scores(sq_dist, distance=distance)
+  if reweight:
+    image_scores = scoring.reweighted_image_scores(
+        feats.reshape(b, h * w, d), scores, nn_index[..., 0], bank,
+        num_neighbours=reweight_neighbours, precision=precision)
+  else:
+    image_scores = scoring.image_scores(scores)
+  grid = scores.reshape(b, h, w)
+  maps = scoring.anomaly_maps(grid, size=(image_size, image_size), sigma=sigma)
+  return image_scores, maps, grid
+
+
 def _static(**kwargs):
   return tuple(sorted(kwargs.items()))
 
 
-def embed_batch(backbone, images, settings):
-  """images [B, S, S, 3] float32 in [0, 1] -> patch features [B, h, w, D] (compiled once)."""
-  images = jnp.asarray(images, jnp.float32)
+# Backbone variables replicated on a mesh, per (variables, mesh); the variables are kept
+# referenced so that their id is not reused while the entry lives.
+_ON_MESH = collections.OrderedDict()
+
+
+def _replicated(variables, mesh):
+  key = (id(variables), mesh)
+  if key not in _ON_MESH:
+    _ON_MESH[key] = (variables, jax.device_put(
+        variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+    if len(_ON_MESH) > 4:
+      _ON_MESH.popitem(last=False)
+  return _ON_MESH[key][1]
+
+
+def _check_mesh_batch(batch_size, mesh):
+  if mesh is not None and batch_size % mesh.size:
+    raise errors.UserError(f'batch_size ({CONFIG_FIELDS["batch_size"]}) = {batch_size} is not a '
+                           f'multiple of the {mesh.size} devices it is split over')
+
+
+def embed_batch(backbone, images, settings, mesh=None):
+  """images [B, S, S, 3] float32 in [0, 1] -> patch features [B, h, w, D] (compiled once);
+  with a `mesh`, the batch is split over its devices."""
+  variables = backbone.variables
+  if mesh is None:
+    images = jnp.asarray(images, jnp.float32)
+  else:
+    _check_mesh_batch(images.shape[0], mesh)
+    images = sharded.shard_batch(np.asarray(images, np.float32), mesh)
+    variables = _replicated(variables, mesh)
   fn = compiled(_embed, _static(model=backbone.model, stages=tuple(backbone.stages),
-                                **settings.feature_config), backbone.variables, images)
-  return fn(backbone.variables, images)
+                                **settings.feature_config), variables, images)
+  return fn(variables, images)
 
 
-def precompile(backbone, settings, bank=None):
+def precompile(backbone, settings, bank=None, mesh=None):
   """Compiles the embedding (and, given a bank, the scoring) for `settings.batch_size` images
-  ahead of use, so that timed work excludes compilation."""
+  ahead of use, so that timed work excludes compilation. With a `mesh`, `bank` is the one
+  `sharded.shard_bank` made."""
   size = settings.image_size
-  spec = jax.ShapeDtypeStruct((settings.batch_size, size, size, 3), jnp.float32)
+  shape = (settings.batch_size, size, size, 3)
+  variables = backbone.variables
+  if mesh is None:
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+  else:
+    _check_mesh_batch(settings.batch_size, mesh)
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(sharded.AXIS)))
+    variables = _replicated(variables, mesh)
   static = _static(model=backbone.model, stages=tuple(backbone.stages), **settings.feature_config)
-  compiled(_embed, static, backbone.variables, spec)
+  compiled(_embed, static, variables, spec)
   if bank is not None:
-    feats = jax.eval_shape(functools.partial(_embed, **dict(static)), backbone.variables, spec)
-    compiled(_score, _static(**settings.score_config), bank, feats)
+    feats = jax.eval_shape(functools.partial(_embed, **dict(static)), variables, spec)
+    if mesh is None:
+      compiled(_score, _static(**settings.score_config), bank, feats)
+    else:
+      feats = jax.ShapeDtypeStruct(feats.shape, feats.dtype, sharding=spec.sharding)
+      compiled(_score_sharded, _static(mesh=mesh, **settings.score_config), bank, feats)
 
 
-def score_batch(bank, feats, settings):
-  """feats [B, h, w, D] -> (image scores [B], maps [B, S, S], patch scores [B, h, w])."""
-  fn = compiled(_score, _static(**settings.score_config), bank, feats)
+def score_batch(bank, feats, settings, mesh=None):
+  """feats [B, h, w, D] -> (image scores [B], maps [B, S, S], patch scores [B, h, w]); with a
+  `mesh`, `bank` is the one `sharded.shard_bank` made."""
+  if mesh is None:
+    fn = compiled(_score, _static(**settings.score_config), bank, feats)
+  else:
+    fn = compiled(_score_sharded, _static(mesh=mesh, **settings.score_config), bank, feats)
   return fn(bank, feats)
 
 
@@ -516,11 +596,13 @@ def build_memory_bank(embed_fn, batches, *, num_images, progress=None, timings=N
 
 
 def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=10,
-              block_size=128, precision='highest', screen=True, progress=False):
+              block_size=128, precision='highest', screen=True, progress=False, mesh=None):
   """Approximate greedy coreset of `bank_features` [N, D] -> (knn.Bank, indices [M]).
 
   `screen` adds the bfloat16 screening copy to the bank (`knn.screened_nearest_neighbour`);
-  `progress` shows a progress bar of the greedy iterations (besides the log lines).
+  `progress` shows a progress bar of the greedy iterations (besides the log lines); `mesh`
+  splits the greedy loop over its devices (`sharded.greedy_coreset_loop`: the same picks, and
+  one progress report at the end).
 
   A host (numpy) bank stays on the host: only its projection and the selected rows go to the
   device, so memory holds one full-precision copy of the bank plus its projection. A `DiskBank`
@@ -537,9 +619,16 @@ def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=
     if bar is not None:
       bar.update(done - bar.n)
 
+  loop = None
+  if mesh is not None:
+    loop = lambda projected_t, init, *, num_samples, precision, **_: sharded.greedy_coreset_loop(
+        projected_t, init, num_samples=num_samples, mesh=mesh, precision=precision)
   indices = coreset.approximate_greedy_coreset(
       bank_features, percentage=percentage, key=key, projection_dim=projection_dim,
-      num_starts=num_starts, precision=precision, chunk_size=2000, progress=report)
+      num_starts=num_starts, precision=precision, chunk_size=2000, progress=report, loop=loop,
+      pad_to=coreset.BLOCK_SIZE * (mesh.size if mesh is not None else 1))
+  if mesh is not None:
+    report(len(indices), len(indices))
   if bar is not None:
     bar.close()
   if isinstance(bank_features, DiskBank):
@@ -595,13 +684,14 @@ def split_holdout(num_images, *, holdout, seed):
 
 
 def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers=2,
-        progress=True, memory_budget_bytes=None, spill_dir=None, **settings):
+        progress=True, memory_budget_bytes=None, spill_dir=None, mesh=None, **settings):
   """Fits PatchCore on good images.
 
   Args:
     backbone: a `backbones.Backbone` (prepared as it should score: probe passes and BatchNorm
       folding are recorded from it).
-    images: paths, or a uint8 [N, H, W, 3] / float [N, S, S, 3] array (see module docstring).
+    images: paths (or `data.Sample` records), or a uint8 [N, H, W, 3] / float [N, S, S, 3]
+      array (see module docstring).
     holdout: fraction of `images` held out of the memory bank to calibrate the threshold on
       (0: no threshold from the fit).
     target_fpr: the held-out images' false-positive rate the threshold aims for.
@@ -610,6 +700,8 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
     progress: show progress bars (tqdm.auto: in notebooks and terminals).
     memory_budget_bytes: a memory bank larger than this streams to a file (`DiskBank`) in
       `spill_dir` (default: the system's temporary directory); None: always in memory.
+    mesh: a `jax.sharding.Mesh` (`sharded.row_mesh`) to split the work over (module docstring);
+      None: one device.
     **settings: any field of `Settings` (image_size, percentage, k, ...).
   Returns:
     A `PatchCore`.
@@ -628,32 +720,45 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
   key = jax.random.key(settings.seed) if key is None else key
 
   check_bank_size(backbone, settings, len(train))
+  _check_mesh_batch(settings.batch_size, mesh)
 
+  # Several processes (multihost): each embeds its share of the images; the coreset spans all.
+  start, stop = multihost.share(len(train))
+  mine = train[start:stop]
   t0 = time.perf_counter()
-  bar = progress_bar(len(train), 'memory bank', progress)
+  bar = progress_bar(len(mine), 'memory bank', progress)
   update = (lambda done: bar.update(done - bar.n)) if bar is not None else None
   waits = {}
   bank_features = build_memory_bank(
-      lambda x: embed_batch(backbone, x, settings),
-      image_batches(train, settings, num_workers=num_workers), num_images=len(train),
+      lambda x: embed_batch(backbone, x, settings, mesh),
+      image_batches(mine, settings, num_workers=num_workers), num_images=len(mine),
       progress=update, timings=waits, memory_budget_bytes=memory_budget_bytes,
       spill_dir=spill_dir)
   if bar is not None:
     bar.close()
   feature_seconds = time.perf_counter() - t0
   t1 = time.perf_counter()
-  bank, _ = subsample(bank_features, percentage=settings.percentage, key=key,
-                      projection_dim=settings.projection_dim, num_starts=settings.num_starts,
-                      block_size=settings.block_size, precision=settings.precision,
-                      screen=settings.screen, progress=progress)
+  rows = int(multihost.row_counts(bank_features.shape[0]).sum())
+  if jax.process_count() == 1:
+    bank, _ = subsample(bank_features, percentage=settings.percentage, key=key,
+                        projection_dim=settings.projection_dim, num_starts=settings.num_starts,
+                        block_size=settings.block_size, precision=settings.precision,
+                        screen=settings.screen, progress=progress, mesh=mesh)
+  else:
+    indices = multihost.coreset_indices(
+        bank_features, total_rows=rows, percentage=settings.percentage, key=key,
+        projection_dim=settings.projection_dim, num_starts=settings.num_starts,
+        precision=settings.precision)
+    bank = knn.prepare_bank(multihost.gather_selected(bank_features, indices),
+                            block_size=settings.block_size, screen=settings.screen)
   jax.block_until_ready(bank)
   coreset_seconds = time.perf_counter() - t1
-  rows = bank_features.shape[0]
   on_disk = isinstance(bank_features, DiskBank)
   if on_disk:
     bank_features.close()
   del bank_features
   info = dict(num_train_images=len(train), num_holdout_images=len(held), memory_bank_rows=rows,
+              num_processes=jax.process_count(),
               memory_bank_storage='disk' if on_disk else 'memory',
               feature_seconds=feature_seconds, coreset_seconds=coreset_seconds,
               decode_wait_seconds=waits.get('decode_wait', 0.0),
@@ -664,7 +769,8 @@ def fit(backbone, images, *, holdout=0.0, target_fpr=0.01, key=None, num_workers
   logging.info('memory bank %d -> %d patches (%.1f %%); features %.1f s, coreset %.1f s', rows,
                bank.size, 100 * settings.percentage, feature_seconds, coreset_seconds)
   if len(held):
-    scores = predict(model, held, num_workers=num_workers, progress=progress).image_scores
+    scores = predict(model, held, num_workers=num_workers, progress=progress,
+                     mesh=mesh).image_scores
     threshold = holdout_threshold(scores, target_fpr=target_fpr)
     above = int(np.sum(scores > threshold))
     logging.info('threshold %.6g from %d held-out good images (target FPR %.3g; %d of them above '
@@ -696,22 +802,26 @@ def decide(model, image_scores):
   return scores / np.float32(2.0 * threshold), scores > threshold
 
 
-def predict_batches(model, batches, *, timings=None):
+def predict_batches(model, batches, *, timings=None, mesh=None):
   """Yields (image scores [count], maps [count, S, S], patch scores [count, h, w], seconds) per
   (images [B, S, S, 3], count) batch; seconds is the compute time, waited for.
+
+  `mesh`: split each batch over its devices and search the bank split by rows over them (module
+  docstring).
 
   `timings`: optional dict accumulating seconds: 'decode_wait' (waiting for `batches`),
   'features' (backbone and patch features) and 'knn_maps' (search, scores and maps); the two
   compute stages are then waited for separately.
   """
+  bank = model.bank if mesh is None else sharded.shard_bank(model.bank, mesh)
   for images, count in timed_iter(batches, timings, 'decode_wait'):
     start = time.perf_counter()
-    feats = embed_batch(model.backbone, images, model.settings)
+    feats = embed_batch(model.backbone, images, model.settings, mesh)
     if timings is not None:
       jax.block_until_ready(feats)
       middle = time.perf_counter()
       timings['features'] = timings.get('features', 0.0) + middle - start
-    scores, maps, grid = score_batch(model.bank, feats, model.settings)
+    scores, maps, grid = score_batch(bank, feats, model.settings, mesh)
     scores, maps, grid = np.asarray(scores), np.asarray(maps), np.asarray(grid)  # Waits.
     end = time.perf_counter()
     if timings is not None:
@@ -719,12 +829,13 @@ def predict_batches(model, batches, *, timings=None):
     yield scores[:count], maps[:count], grid[:count], end - start
 
 
-def predict(model, images, *, num_workers=2, progress=False):
-  """Scores `images` (paths or arrays, see module docstring) -> `Prediction`."""
+def predict(model, images, *, num_workers=2, progress=False, mesh=None):
+  """Scores `images` (paths or arrays, see module docstring) -> `Prediction`; `mesh` as in
+  `predict_batches`."""
   parts = ([], [], [])
   bar = progress_bar(len(images), 'predict', progress)
   for scores, maps, grid, _ in predict_batches(
-      model, image_batches(images, model.settings, num_workers=num_workers)):
+      model, image_batches(images, model.settings, num_workers=num_workers), mesh=mesh):
     for part, value in zip(parts, (scores, maps, grid)):
       part.append(value)
     if bar is not None:

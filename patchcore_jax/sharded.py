@@ -34,9 +34,10 @@ AXIS = 'rows'
 _NO_INDEX = 2**31 - 1
 
 
-def row_mesh(num_devices=None, *, axis=AXIS):
-  """A 1-D mesh over the first `num_devices` devices (default: all), axis name `axis`."""
-  devices = jax.devices()
+def row_mesh(num_devices=None, *, axis=AXIS, devices=None):
+  """A 1-D mesh over the first `num_devices` of `devices` (default: all of `jax.devices()`, every
+  process's), axis name `axis`."""
+  devices = jax.devices() if devices is None else list(devices)
   num_devices = num_devices or len(devices)
   if not 1 <= num_devices <= len(devices):
     raise ValueError(f'mesh of {num_devices} devices requested, {len(devices)} available')

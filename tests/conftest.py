@@ -9,6 +9,8 @@ Markers (pyproject.toml): `real_data` (tests/test_real_data.py: 2-4 minutes each
 """
 import os
 
+import numpy as np
+from PIL import Image
 import pytest
 
 
@@ -24,9 +26,35 @@ def shared_path(*parts):
   return path
 
 
+def write_image(path, array, **kwargs):
+  """Saves a uint8 array as an image file (format from the extension), making its folder."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path, **kwargs)
+
+
+def write_tiny_folder(root, rng, *, ext='.png', size=(40, 56)):
+  """A tiny MVTec-layout folder: 5 train, 2 good + 3 'crack' test images, 2 of them masked."""
+  for i in range(5):
+    write_image(os.path.join(root, 'train', 'good', f'{i:03d}{ext}'),
+                rng.integers(0, 256, size + (3,), dtype=np.uint8))
+  for i in range(2):
+    write_image(os.path.join(root, 'test', 'good', f'{i:03d}{ext}'),
+                rng.integers(0, 256, size + (3,), dtype=np.uint8))
+  for i in range(3):
+    write_image(os.path.join(root, 'test', 'crack', f'{i:03d}{ext}'),
+                rng.integers(0, 256, size + (3,), dtype=np.uint8))
+    if i < 2:
+      mask = np.zeros(size, np.uint8)
+      mask[5:15, 10:30] = 255
+      write_image(os.path.join(root, 'ground_truth', 'crack', f'{i:03d}_mask.png'), mask)
+  return root
+
+
 # Tests that took 10 s or more on 2 cores (pytest --durations, two workers).
 SLOW = (
     'test_backbones.py::test_matches_torchvision[densenet201]',  # 60 s
+    'test_multihost.py::test_two_processes_fit_and_score_as_one',  # 33 s
+    'test_sharded.py::test_four_devices',  # 29 s (the module's checks, in a 4-device process)
     'test_benchmark.py::test_benchmark_job_through_the_launcher',  # 46 s
     'test_backbones.py::test_fold_batchnorm_keeps_outputs[wide_resnet50_2]',  # 44 s
     'test_backbones.py::test_matches_torchvision[resnet152]',  # 39 s
@@ -45,6 +73,7 @@ SLOW = (
     'test_notebook.py::test_readme_python_section_runs',  # 15 s
     'test_backbones.py::test_matches_torchvision[resnet50]',  # 15 s
     'test_experiment.py::test_run_on_a_folder_without_masks',  # 15 s
+    'test_tfds_builders.py::test_a_run_from_tfds_equals_the_run_from_files',  # 12 s
     'test_backbones.py::test_matches_torchvision[resnet18]',  # 14 s
     'test_predict_job.py::test_launcher_writes_rows_masks_and_overlays_and_survives_bad_files',
     'test_patchcore.py::test_load_refuses_broken_models_naming_the_file',  # 12 s

@@ -60,7 +60,40 @@ def main():
   split = embed(*[sharded.shard_batch(m, mesh) for m in maps])
   checks['embed_sharded_over'] = len(split.sharding.device_set)
   checks['embed_max_difference'] = float(np.max(np.abs(np.asarray(ref) - np.asarray(split))))
+  checks.update(run_on_mesh())
   print(json.dumps(checks))
+
+
+def run_on_mesh():
+  """experiment.run on a small generated folder with 1 and with 4 devices (fit, coreset,
+  prediction, metrics)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from configs import folder  # pylint: disable=g-import-not-at-top
+  from patchcore_jax import experiment  # pylint: disable=g-import-not-at-top
+  out = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    from tests.conftest import write_tiny_folder  # pylint: disable=g-import-not-at-top
+    root = write_tiny_folder(os.path.join(tmp, 'tiles'), np.random.default_rng(0), size=(64, 64))
+    results = {}
+    for devices in (1, 4):
+      config = folder.get_config()
+      config.data.root = root
+      config.data.image_size = config.data.resize = 64
+      config.devices = devices
+      config.output.num_overlays = 0
+      results[devices] = experiment.run(config, os.path.join(tmp, f'run{devices}'))['tiles']
+      with open(os.path.join(tmp, f'run{devices}', 'scores', 'tiles.csv')) as f:
+        results[devices]['scores'] = [float(line.split(',')[-1]) for line in f.readlines()[1:]]
+    one, four = results[1], results[4]
+    out['run_devices'] = four['devices']
+    from patchcore_jax import saving  # pylint: disable=g-import-not-at-top
+    banks = [np.asarray(saving.load(r['model_dir']).bank.blocks) for r in (one, four)]
+    out['run_bank_max_difference'] = float(np.max(np.abs(banks[0] - banks[1])))
+    out['run_metrics'] = [[r[k] for k in ('image_auroc', 'pixel_auroc', 'au_pro')]
+                          for r in (one, four)]
+    a, b = np.array(one['scores']), np.array(four['scores'])
+    out['run_score_max_relative_difference'] = float(np.max(np.abs(a - b) / np.abs(a)))
+  return out
 
 
 if __name__ == '__main__':

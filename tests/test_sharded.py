@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+# One process of checks, so all its tests on one worker (pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('sharded')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,3 +44,13 @@ def test_sharded_knn_equals_one_device(checks):
 def test_data_parallel_features(checks):
   assert checks['embed_sharded_over'] == 4
   assert checks['embed_max_difference'] <= 1e-5
+
+
+def test_a_run_on_four_devices_matches_one_device(checks):
+  """experiment.run with config.devices=4: data-parallel features, sharded coreset and search."""
+  assert checks['run_devices'] == 4
+  # The same coreset rows (features equal to float32 rounding; other rows differ by ~1).
+  assert checks['run_bank_max_difference'] <= 1e-4
+  one, four = checks['run_metrics']
+  np.testing.assert_allclose(four, one, rtol=0, atol=1e-6)
+  assert checks['run_score_max_relative_difference'] <= 1e-5

@@ -1,12 +1,14 @@
 """Datasets as lists of samples, and host-side image loading.
 
 `get_splits(config.data)` returns {category: Split}; `iterate_batches` loads images (and masks)
-in a thread pool with the reference preprocessing (`transforms`).
+in a thread pool with the reference preprocessing (`transforms`). `config.data.source` says
+where the files come from: 'folder' (the files under `data.root`) or 'tfds' (the same files as
+TFDS `array_record` datasets, built from `data.root` on first use: `tfds_builders`).
 """
 import os
 
 from patchcore_jax import errors
-from patchcore_jax.data.common import check_split, Sample, Split, iterate_batches
+from patchcore_jax.data.common import check_split, iterate_batches, open_file, Sample, Split
 from patchcore_jax.data.folder import folder_split
 from patchcore_jax.data.mtd import mtd_split
 from patchcore_jax.data.mvtec import MVTEC_CATEGORIES, mvtec_split
@@ -15,10 +17,18 @@ from patchcore_jax.data.transforms import load_image, load_mask
 
 
 DATASETS = ('mvtec', 'mtd', 'folder', 'synthetic')
+SOURCES = ('folder', 'tfds')
 
 
-def get_splits(data_config):
-  """{category: Split} for a `config.data` (fields: name, root, categories)."""
+def get_splits(data_config, info=None):
+  """{category: Split} for a `config.data` (fields: name, root, categories, source,
+  tfds_data_dir). `info`: a dict that, for source 'tfds', receives {category: {'tfds_name',
+  'tfds_path', 'build_seconds', 'dataset_bytes'}}."""
+  if data_config.source == 'tfds':
+    return _tfds_splits(data_config, {} if info is None else info)
+  if data_config.source != 'folder':
+    raise errors.UserError(f'config.data.source={data_config.source!r} is not allowed: must be '
+                           f'one of {SOURCES}')
   name, root = data_config.name, data_config.root
   if not root:
     raise errors.UserError(f'config.data.root is empty: set --config.data.root=PATH for {name!r}')
@@ -35,3 +45,35 @@ def get_splits(data_config):
     return {c: folder_split(make_synthetic_dataset(root, c), name=c)
             for c in data_config.categories}
   raise errors.UserError(f'config.data.name={name!r} is not allowed: must be one of {DATASETS}')
+
+
+def _tfds_splits(data_config, info):
+  from patchcore_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  name, root = data_config.name, data_config.root
+  if root and not os.path.isdir(root):
+    raise errors.UserError(f'config.data.root={root!r}: no such folder')
+  if name == 'mvtec':
+    categories = tuple(data_config.categories)
+  elif name == 'mtd':
+    categories = ('mtd',)
+  elif name == 'folder':
+    if not root:
+      raise errors.UserError('config.data.root is empty: for data.name=\'folder\' it names the '
+                             'folder (whose name is the TFDS dataset\'s config)')
+    categories = (os.path.basename(os.path.normpath(root)),)
+  elif name == 'synthetic':
+    categories = tuple(data_config.categories)
+  else:
+    raise errors.UserError(f'config.data.name={name!r} is not allowed: must be one of {DATASETS}')
+  splits = {}
+  for category in categories:
+    manual_dir = root
+    if name == 'synthetic':
+      manual_dir = make_synthetic_dataset(root, category)
+    tfds_name, path, seconds = tfds_builders.prepare(
+        name, category, manual_dir=manual_dir, data_dir=data_config.tfds_data_dir)
+    splits[category] = tfds_builders.tfds_split(tfds_name, data_dir=data_config.tfds_data_dir,
+                                                category=category)
+    info[category] = dict(tfds_name=tfds_name, tfds_path=path, build_seconds=seconds,
+                          dataset_bytes=tfds_builders.dataset_size(path))
+  return splits

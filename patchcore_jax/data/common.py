@@ -1,8 +1,14 @@
-"""Sample records and batched, threaded loading."""
+"""Sample records and batched, threaded loading.
+
+A `Sample` names its image (and mask) by path. Samples read from a file-less store (a TFDS
+`data_source`) carry a `source` whose `read(name)` returns the file's bytes; `open_image_file`
+gives either to the decoder, so both paths decode the very same bytes the same way.
+"""
 import concurrent.futures
 import dataclasses
+import io
 import os
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
@@ -18,18 +24,40 @@ class Sample:
   label: int  # 0 good, 1 anomalous.
   defect: str  # 'good' or the defect type.
   mask_path: Optional[str] = None  # None: no mask (all good if label == 0).
+  # None: `path` and `mask_path` are files. Else an object whose read(name) returns the bytes of
+  # the file called `name` (`path` or `mask_path`), e.g. a TFDS record (data.tfds_builders).
+  source: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
   name: str
-  root: str  # Paths in outputs are written relative to this.
+  root: str  # Paths in outputs are written relative to this ('': they already are).
   train: List[Sample]
   test: List[Sample]
+
+  def relative(self, path):
+    """`path` (a sample's `path` or `mask_path`) as outputs name it."""
+    return os.path.relpath(path, self.root) if self.root else path
 
   @property
   def has_masks(self):
     return any(s.mask_path for s in self.test if s.label == 1)
+
+
+class NamedBytes(io.BytesIO):
+  """The bytes of a file, opened in memory, that keep the file's name for messages."""
+
+  def __init__(self, data, name):
+    super().__init__(data)
+    self.name = name
+
+
+def open_file(sample, name):
+  """The file called `name` of `sample` (its `path` or `mask_path`): the path itself, or, for a
+  sample with a `source`, its bytes as a `NamedBytes`."""
+  source = getattr(sample, 'source', None)
+  return name if source is None else NamedBytes(source.read(name), name)
 
 
 def list_images(directory):
@@ -40,34 +68,39 @@ def list_images(directory):
                 if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def _truncated(path):
+def _truncated(file, name):
   """Whether a PNG or JPEG file lacks its closing marker (a copy cut short), from its last bytes."""
-  lower = path.lower()
+  lower = name.lower()
   if not lower.endswith(('.png', '.jpg', '.jpeg')):
     return False
-  with open(path, 'rb') as f:
-    f.seek(0, os.SEEK_END)
-    f.seek(max(0, f.tell() - 32))
-    tail = f.read()
+  if isinstance(file, io.BytesIO):
+    tail = file.getvalue()[-32:]
+  else:
+    with open(file, 'rb') as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - 32))
+      tail = f.read()
   if lower.endswith('.png'):
     return b'IEND' not in tail
   return b'\xff\xd9' not in tail
 
 
-def _read_header(path):
-  """(problem, None) when the image file at `path` cannot be used (from its header and last
-  bytes), else (None, its displayed (width, height))."""
+def _read_header(sample, path):
+  """(problem, None) when the image file `path` of `sample` cannot be used (from its header and
+  last bytes), else (None, its displayed (width, height))."""
   try:
-    if os.path.getsize(path) == 0:
+    file = open_file(sample, path)
+    empty = (not file.getvalue()) if isinstance(file, io.BytesIO) else os.path.getsize(file) == 0
+    if empty:
       return 'empty file (0 bytes)', None
-    size = transforms.image_size_of(path)
+    size = transforms.image_size_of(file)
   except transforms.ImageTooLarge as error:
     return f'too many pixels to decode safely ({error})', None
   except Exception as error:  # pylint: disable=broad-except
     return f'not a readable image ({type(error).__name__}: {error})', None
   if min(size) < 1:
     return f'has no pixels ({size[0]} x {size[1]})', None
-  if _truncated(path):
+  if _truncated(file, path):
     return 'truncated (the file ends before its closing marker)', None
   return None, size
 
@@ -83,12 +116,12 @@ def check_split(split, *, max_listed=20):
   """
   problems = []
   for sample in list(split.train) + list(split.test):
-    problem, image_size = _read_header(sample.path)
+    problem, image_size = _read_header(sample, sample.path)
     if problem:
       problems.append(f'{sample.path}: {problem}')
       continue
     if sample.mask_path:
-      problem, mask_size = _read_header(sample.mask_path)
+      problem, mask_size = _read_header(sample, sample.mask_path)
       if problem:
         problems.append(f'mask {sample.mask_path}: {problem}')
         continue
@@ -146,12 +179,12 @@ def iterate_batches(samples, *, batch_size, image_config, with_masks=False, num_
 
   def load(sample):
     path = getattr(sample, 'path', sample)
-    image = transforms.load_image(path, **image_config)
+    image = transforms.load_image(open_file(sample, path), **image_config)
     mask = None
     if with_masks:
       if sample.mask_path:
         try:
-          mask = transforms.load_mask(sample.mask_path, **image_config)
+          mask = transforms.load_mask(open_file(sample, sample.mask_path), **image_config)
         except Exception as error:  # pylint: disable=broad-except
           raise errors.UserError(f'cannot read mask {sample.mask_path}: {error}') from error
       else:

@@ -90,14 +90,19 @@ class ImageTooLarge(ValueError):
   """An image declares more pixels than PIL's decompression-bomb limit."""
 
 
+def _name(file):
+  return getattr(file, 'name', file)
+
+
 def open_image(path):
-  """PIL's `Image.open` with the decompression-bomb warning made an error naming the file."""
+  """PIL's `Image.open` with the decompression-bomb warning made an error naming the file.
+  `path`: a path or an open binary file (e.g. `data.common.NamedBytes`)."""
   with warnings.catch_warnings():
     warnings.simplefilter('error', Image.DecompressionBombWarning)
     try:
       return Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-      raise ImageTooLarge(f'{path}: {error}') from error
+      raise ImageTooLarge(f'{_name(path)}: {error}') from error
 
 
 def to_8bit(img, path=''):
@@ -122,7 +127,7 @@ def to_8bit(img, path=''):
 
 def _decoded(img, path, mode):
   img = ImageOps.exif_transpose(img)
-  return to_8bit(img, path).convert(mode)
+  return to_8bit(img, _name(path)).convert(mode)
 
 
 def load_image(path, *, resize=256, image_size=224, transform='resize_crop', return_size=False):
