@@ -24,8 +24,10 @@ from patchcore_jax import errors
 from patchcore_jax import experiment
 from patchcore_jax import multihost
 from patchcore_jax import predict_job
+from patchcore_jax import sweep
 
-_JOBS = {'patchcore': experiment.run, 'benchmark': benchmark.run, 'predict': predict_job.run}
+_JOBS = {'patchcore': experiment.run, 'benchmark': benchmark.run, 'predict': predict_job.run,
+         'sweep': sweep.run}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)

@@ -103,3 +103,16 @@ def get_base_config(backbone='efficientnet_lite2'):
   # A workdir holding another run's outputs is refused; True replaces those outputs.
   config.output.overwrite = False
   return config
+
+
+def sweep_config():
+  """The `config.sweep` fields of a sweep (patchcore_jax/sweep.py)."""
+  sweep = ml_collections.ConfigDict()
+  sweep.subsamplers = ('greedy',)  # Some of greedy | random | proxies.
+  sweep.percentages = (0.1,)  # Fractions of the bank kept; 1.0: the whole bank.
+  sweep.proxies = ml_collections.ConfigDict()
+  sweep.proxies.steps = 200  # Adam steps of Eq. 8 per proxy set.
+  sweep.proxies.batch_size = 512  # Bank rows per step.
+  sweep.proxies.learning_rate = 0.01
+  sweep.proxies.sign = 'softmin'  # softmin (default) | printed (Eq. 8's sign as printed) | both.
+  return sweep

@@ -1,0 +1,1 @@
+"""Configs that rerun the paper's experiments (job 'sweep' and experiment runs)."""
