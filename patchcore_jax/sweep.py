@@ -302,6 +302,8 @@ def run(config, workdir):
         record.update(variant=variant, category=name, subsample_seconds=seconds,
                       backbone=backbone.name)
         records.append(record)
+        timings[name]['variants'].append(dict(variant=variant, subsample_seconds=seconds,
+                                              score_seconds=record['score_seconds']))
         logging.info('[%s] %s: image AUROC %.4f, bank %d, usage %.3f (%.1f s + %.1f s)', name,
                      variant, record['image_auroc'], record['memory_bank_size'],
                      record['memory_bank_usage'], seconds, record['score_seconds'])

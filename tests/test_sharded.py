@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before JAX starts, so the checks run in a fresh process
 (tests/sharded_check.py) and report back as JSON.
 """
+import functools
 import json
 import os
 import subprocess
@@ -17,13 +18,20 @@ pytestmark = pytest.mark.xdist_group('sharded')
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope='module')
-def checks():
+@functools.lru_cache(maxsize=None)
+def _run_checks():
+  """Once per worker process (a module fixture would run again when xdist interleaves other
+  modules' tests with these)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_check.py')], env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def checks():
+  return _run_checks()
 
 
 def test_four_devices(checks):
