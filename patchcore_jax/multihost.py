@@ -27,6 +27,9 @@ Two processes on one machine (what tests/test_multihost.py runs):
 (on several hosts: the coordinator's address, reachable from all, and the same data path on
 each; only process 0's workdir receives outputs).
 """
+import socket
+import time
+
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -52,6 +55,7 @@ def initialize(distributed_config):
     raise errors.UserError(
         f'config.distributed.process_id={index} with num_processes={count} is not allowed: '
         'need num_processes >= 1 and 0 <= process_id < num_processes')
+  _check_coordinator(address, index, distributed_config.timeout_seconds)
   try:
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
                                process_id=index,
@@ -60,6 +64,37 @@ def initialize(distributed_config):
     raise errors.UserError(f'config.distributed: cannot join {address} as process {index} of '
                            f'{count}: {error}') from error
   return True
+
+
+def _check_coordinator(address, process_id, timeout_seconds):
+  """Raises errors.UserError when process 0 cannot listen on `address` (a port in use) or, for
+  the others, when nothing listens there within `timeout_seconds`: JAX's runtime would abort the
+  process instead of raising."""
+  host, sep, port = address.rpartition(':')
+  if not sep or not host or not port.isdigit():
+    raise errors.UserError(f'config.distributed.coordinator_address={address!r} is not allowed: '
+                           'must be host:port, e.g. 10.0.0.1:12345')
+  if process_id == 0:
+    with socket.socket() as s:
+      try:
+        s.bind(('', int(port)))
+      except OSError as error:
+        raise errors.UserError(f'config.distributed: process 0 cannot listen on port {port} '
+                               f'({error.strerror}); choose another coordinator_address port'
+                              ) from error
+    return
+  deadline = time.monotonic() + timeout_seconds
+  while True:
+    try:
+      socket.create_connection((host, int(port)), timeout=2).close()
+      return
+    except OSError as error:
+      if time.monotonic() > deadline:
+        raise errors.UserError(
+            f'config.distributed: no coordinator answered at {address} within '
+            f'{timeout_seconds} s (is process 0 running, and reachable from here?): '
+            f'{error.strerror or error}') from error
+      time.sleep(0.5)
 
 
 def share(num_items, *, process_index=None, process_count=None):
