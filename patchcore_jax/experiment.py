@@ -188,8 +188,7 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
                         spill_dir=config.coreset.spill_dir or None, mesh=mesh,
                         **dataclasses.asdict(settings))
   info = dict(model.info)
-  patchcore.precompile(backbone, settings,
-                       model.bank if mesh is None else sharded.shard_bank(model.bank, mesh), mesh)
+  patchcore.precompile(backbone, settings, model.bank, mesh)
 
   n_test = len(split.test)
   first, last = multihost.share(n_test)  # This process's test images (all with one process).

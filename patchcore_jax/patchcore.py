@@ -285,11 +285,18 @@ def _embed(variables, images, *, model, stages, patch_size, stride, pretrain_dim
 
 
 def _score(bank, feats, *, image_size, k, distance, sigma, reweight, reweight_neighbours,
-           precision):
-  """feats [B, h, w, D] -> (image scores [B], maps [B, S, S], patch scores [B, h, w])."""
+           precision, mesh=None, with_index=False):
+  """feats [B, h, w, D] -> (image scores [B], maps [B, S, S], patch scores [B, h, w]) and, with
+  `with_index`, each patch's nearest bank row [B, h * w]. With a `mesh`, `bank` is split by rows
+  over it (`sharded.shard_bank`) and searched there."""
   b, h, w, d = feats.shape
   queries = feats.reshape(b, h * w, d)
-  sq_dist, nn_index = knn.batch_nearest_neighbours(queries, bank, k=k, precision=precision)
+  if mesh is None:
+    sq_dist, nn_index = knn.batch_nearest_neighbours(queries, bank, k=k, precision=precision)
+  else:
+    sq_dist, nn_index = sharded.nearest_neighbours(queries.reshape(b * h * w, d), bank,
+                                                   mesh=mesh, k=k, precision=precision)
+    sq_dist, nn_index = sq_dist.reshape(b, h * w, k), nn_index.reshape(b, h * w, k)
   scores = scoring.patch_scores(sq_dist, distance=distance)  # [B, h*w]
   if reweight:
     image_scores = scoring.reweighted_image_scores(
@@ -299,45 +306,36 @@ def _score(bank, feats, *, image_size, k, distance, sigma, reweight, reweight_ne
     image_scores = scoring.image_scores(scores)
   grid = scores.reshape(b, h, w)
   maps = scoring.anomaly_maps(grid, size=(image_size, image_size), sigma=sigma)
-  return image_scores, maps, grid
-
-
-def _score_sharded(bank, feats, *, mesh, image_size, k, distance, sigma, reweight,
-                   reweight_neighbours, precision):
-  """`_score` with the bank split by rows over `mesh` (`sharded.shard_bank`)."""
-  b, h, w, d = feats.shape
-  sq_dist, nn_index = sharded.nearest_neighbours(feats.reshape(b * h * w, d), bank, mesh=mesh,
-                                                 k=k, precision=precision)
-  sq_dist, nn_index = sq_dist.reshape(b, h * w, k), nn_index.reshape(b, h * w, k)
-  scores = scoring.patch_scores(sq_dist, distance=distance)
-  if reweight:
-    image_scores = scoring.reweighted_image_scores(
-        feats.reshape(b, h * w, d), scores, nn_index[..., 0], bank,
-        num_neighbours=reweight_neighbours, precision=precision)
-  else:
-    image_scores = scoring.image_scores(scores)
-  grid = scores.reshape(b, h, w)
-  maps = scoring.anomaly_maps(grid, size=(image_size, image_size), sigma=sigma)
-  return image_scores, maps, grid
+  return (image_scores, maps, grid) + ((nn_index[..., 0],) if with_index else ())
 
 
 def _static(**kwargs):
   return tuple(sorted(kwargs.items()))
 
 
-# Backbone variables replicated on a mesh, per (variables, mesh); the variables are kept
-# referenced so that their id is not reused while the entry lives.
+# Backbone variables and banks placed on a mesh, per (tree, mesh, placement); the tree is kept
+# referenced so that its id is not reused while the entry lives.
 _ON_MESH = collections.OrderedDict()
 
 
-def _replicated(variables, mesh):
-  key = (id(variables), mesh)
+def _replicate(tree, mesh):
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _on_mesh(tree, mesh, place):
+  """place(tree, mesh) (`_replicate`, `sharded.shard_bank`), once per tree and mesh."""
+  key = (id(tree), mesh, place)
   if key not in _ON_MESH:
-    _ON_MESH[key] = (variables, jax.device_put(
-        variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
-    if len(_ON_MESH) > 4:
+    _ON_MESH[key] = (tree, place(tree, mesh))
+    if len(_ON_MESH) > 8:
       _ON_MESH.popitem(last=False)
   return _ON_MESH[key][1]
+
+
+def _score_static(settings, mesh, with_index=False):
+  extra = dict(mesh=mesh) if mesh is not None else {}
+  extra.update(dict(with_index=True) if with_index else {})
+  return _static(**settings.score_config, **extra)
 
 
 def _check_mesh_batch(batch_size, mesh):
@@ -355,7 +353,7 @@ def embed_batch(backbone, images, settings, mesh=None):
   else:
     _check_mesh_batch(images.shape[0], mesh)
     images = sharded.shard_batch(np.asarray(images, np.float32), mesh)
-    variables = _replicated(variables, mesh)
+    variables = _on_mesh(variables, mesh, _replicate)
   fn = compiled(_embed, _static(model=backbone.model, stages=tuple(backbone.stages),
                                 **settings.feature_config), variables, images)
   return fn(variables, images)
@@ -363,8 +361,8 @@ def embed_batch(backbone, images, settings, mesh=None):
 
 def precompile(backbone, settings, bank=None, mesh=None):
   """Compiles the embedding (and, given a bank, the scoring) for `settings.batch_size` images
-  ahead of use, so that timed work excludes compilation. With a `mesh`, `bank` is the one
-  `sharded.shard_bank` made."""
+  ahead of use, so that timed work excludes compilation; with a `mesh`, for work split over it
+  (the bank is split by rows once, and kept for `score_batch`)."""
   size = settings.image_size
   shape = (settings.batch_size, size, size, 3)
   variables = backbone.variables
@@ -374,25 +372,24 @@ def precompile(backbone, settings, bank=None, mesh=None):
     _check_mesh_batch(settings.batch_size, mesh)
     spec = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(sharded.AXIS)))
-    variables = _replicated(variables, mesh)
+    variables = _on_mesh(variables, mesh, _replicate)
   static = _static(model=backbone.model, stages=tuple(backbone.stages), **settings.feature_config)
   compiled(_embed, static, variables, spec)
   if bank is not None:
     feats = jax.eval_shape(functools.partial(_embed, **dict(static)), variables, spec)
-    if mesh is None:
-      compiled(_score, _static(**settings.score_config), bank, feats)
-    else:
+    if mesh is not None:
+      bank = _on_mesh(bank, mesh, sharded.shard_bank)
       feats = jax.ShapeDtypeStruct(feats.shape, feats.dtype, sharding=spec.sharding)
-      compiled(_score_sharded, _static(mesh=mesh, **settings.score_config), bank, feats)
+    compiled(_score, _score_static(settings, mesh), bank, feats)
 
 
-def score_batch(bank, feats, settings, mesh=None):
-  """feats [B, h, w, D] -> (image scores [B], maps [B, S, S], patch scores [B, h, w]); with a
-  `mesh`, `bank` is the one `sharded.shard_bank` made."""
-  if mesh is None:
-    fn = compiled(_score, _static(**settings.score_config), bank, feats)
-  else:
-    fn = compiled(_score_sharded, _static(mesh=mesh, **settings.score_config), bank, feats)
+def score_batch(bank, feats, settings, mesh=None, *, with_index=False):
+  """feats [B, h, w, D] -> (image scores [B], maps [B, S, S], patch scores [B, h, w]) and, with
+  `with_index`, each patch's nearest bank row [B, h * w]. With a `mesh`, the bank is split by
+  rows over it (once per bank) and searched there."""
+  if mesh is not None:
+    bank = _on_mesh(bank, mesh, sharded.shard_bank)
+  fn = compiled(_score, _score_static(settings, mesh, with_index), bank, feats)
   return fn(bank, feats)
 
 
@@ -813,7 +810,6 @@ def predict_batches(model, batches, *, timings=None, mesh=None):
   'features' (backbone and patch features) and 'knn_maps' (search, scores and maps); the two
   compute stages are then waited for separately.
   """
-  bank = model.bank if mesh is None else sharded.shard_bank(model.bank, mesh)
   for images, count in timed_iter(batches, timings, 'decode_wait'):
     start = time.perf_counter()
     feats = embed_batch(model.backbone, images, model.settings, mesh)
@@ -821,7 +817,7 @@ def predict_batches(model, batches, *, timings=None, mesh=None):
       jax.block_until_ready(feats)
       middle = time.perf_counter()
       timings['features'] = timings.get('features', 0.0) + middle - start
-    scores, maps, grid = score_batch(bank, feats, model.settings, mesh)
+    scores, maps, grid = score_batch(model.bank, feats, model.settings, mesh)
     scores, maps, grid = np.asarray(scores), np.asarray(maps), np.asarray(grid)  # Waits.
     end = time.perf_counter()
     if timings is not None:

@@ -44,7 +44,6 @@ from patchcore_jax import experiment
 from patchcore_jax import knn
 from patchcore_jax import metrics
 from patchcore_jax import patchcore
-from patchcore_jax import scoring
 from patchcore_jax import workdir as workdir_lib
 
 SUBSAMPLERS = ('greedy', 'random', 'proxies')
@@ -143,17 +142,6 @@ def learned_proxies(bank_features, num_proxies, *, seed=0, steps=200, batch_size
 # ---------------------------------------------------------------------------------- Scoring.
 
 
-@functools.partial(jax.jit, static_argnames=('image_size', 'sigma'))
-def _score(bank, feats, *, image_size, sigma):
-  """feats [B, h, w, D] -> (image scores [B], maps [B, S, S], nearest bank row [B, h*w])."""
-  b, h, w, d = feats.shape
-  sq, index = knn.batch_nearest_neighbours(feats.reshape(b, h * w, d), bank, k=1)
-  scores = scoring.patch_scores(sq)
-  maps = scoring.anomaly_maps(scores.reshape(b, h, w), size=(image_size, image_size),
-                              sigma=sigma)
-  return scoring.image_scores(scores), maps, index[..., 0]
-
-
 @dataclasses.dataclass
 class Features:
   """One category's features, extracted once for every variant."""
@@ -185,7 +173,9 @@ def extract(backbone, split, settings, *, num_workers=2):
 
 
 def evaluate(bank_rows, feats, *, settings):
-  """Scores `feats` against the bank `bank_rows` [M, D]; the metrics record of one variant."""
+  """Scores `feats` against the bank `bank_rows` [M, D] as a fitted model would
+  (`patchcore.score_batch`: k, distance, Eq. 7 and sigma from `settings`); the metrics record of
+  one variant."""
   start = time.perf_counter()
   bank = knn.prepare_bank(bank_rows, block_size=settings.block_size, screen=settings.screen)
   n, bs = len(feats.test), settings.batch_size
@@ -197,8 +187,8 @@ def evaluate(bank_rows, feats, *, settings):
     count = len(chunk)
     if count < bs:  # One compiled shape: pad the last batch.
       chunk = np.concatenate([chunk, np.zeros((bs - count,) + chunk.shape[1:], chunk.dtype)])
-    scores, batch_maps, nearest = _score(bank, jnp.asarray(chunk), image_size=settings.image_size,
-                                         sigma=settings.sigma)
+    scores, batch_maps, _, nearest = patchcore.score_batch(bank, jnp.asarray(chunk), settings,
+                                                           with_index=True)
     image_scores[i:i + count] = np.asarray(scores)[:count]
     maps[i:i + count] = np.asarray(batch_maps)[:count]
     used[np.asarray(nearest)[:count].ravel()] = True
