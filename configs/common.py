@@ -115,4 +115,30 @@ def sweep_config():
   sweep.proxies.batch_size = 512  # Bank rows per step.
   sweep.proxies.learning_rate = 0.01
   sweep.proxies.sign = 'softmin'  # softmin (default) | printed (Eq. 8's sign as printed) | both.
+  # Feature axes: every combination is extracted once ('()': the config's own value).
+  sweep.backbones = ()  # Backbone names.
+  sweep.hierarchies = ()  # Feature levels, '+'-joined: '2+3' (default stages), '1+2+3', ...
+  sweep.image_sizes = ()  # Network input sizes; data.resize is scaled alike (224/256 -> 280/320).
+  sweep.patch_sizes = ()  # Neighbourhood sizes p.
+  sweep.strides = ()  # Neighbourhood strides s.
+  # Low-shot: banks of this many training images (each seed draws other images); () = all.
+  sweep.shots = ()
+  sweep.seeds = (0, 1, 2)
+  # Search and scoring axes, per bank ('()': the config's knn.k, scoring.distance, reweight).
+  sweep.searches = ('exact',)  # exact | ivfpq (approximate, patchcore_jax.ivfpq).
+  sweep.ks = ()
+  sweep.distances = ()
+  sweep.reweights = ()
+  sweep.ivfpq = ml_collections.ConfigDict()
+  sweep.ivfpq.nlist = 512  # Coarse cells (the official code's faiss IndexIVFPQ: 512, 64, 8 bits).
+  sweep.ivfpq.subquantizers = 64  # Bytes per row (each codes D / 64 dimensions with 8 bits).
+  sweep.ivfpq.nprobe = (1,)  # Cells visited per query (faiss's default: 1); one variant each.
+  sweep.ivfpq.train_rows = 65536  # Rows the coarse quantiser is trained on.
+  sweep.ivfpq.iterations = 20  # k-means iterations.
+  sweep.ivfpq.percentages = ()  # Banks (sweep.percentages) searched with IVF-PQ; (): every one.
+  # Also the ensemble of sweep.backbones (scores and maps min-max normalised per backbone over
+  # the test set, then averaged: the official code's combination).
+  sweep.ensemble = False
+  sweep.overlays = 0  # Labelled overlays of the first variant per category (overlays/<category>).
+  sweep.paper = ''  # The paper's statements to print beside ours (sweep.PAPER's keys).
   return sweep

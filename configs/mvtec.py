@@ -3,7 +3,7 @@ r"""PatchCore on MVTec AD.
   python launch.py --config=configs/mvtec.py:category=bottle,backbone=vgg16 \
       --config.data.root=/path/to/mvtec_ad --workdir=workdirs/mvtec_bottle_vgg16
 
-Arguments (after the colon): category (any of the 15, or 'all'), backbone (default
+Arguments (after the colon): category (any of the 15, '+'-joined, or 'all': those present), backbone (default
 efficientnet_lite2), percentage (coreset fraction, default 0.1).
 
 Expected on bottle (image AUROC / pixel AUROC / AU-PRO, measured on a 2-core CPU, see README):
@@ -22,15 +22,14 @@ On several devices: --config.devices=N (N | data.batch_size); several processes:
   --config.distributed.process_id=I (README, Scale).
 """
 from configs import common
-from patchcore_jax.data import MVTEC_CATEGORIES
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2', percentage=0.1)
   config = common.get_base_config(args['backbone'])
   config.data.name = 'mvtec'
-  config.data.categories = (MVTEC_CATEGORIES if args['category'] == 'all'
-                            else tuple(args['category'].split('+')))
+  # 'all': every category present under data.root (resolved when the run starts).
+  config.data.categories = tuple(args['category'].split('+'))
   config.coreset.percentage = args['percentage']
   config.lock()
   return config

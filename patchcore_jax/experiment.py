@@ -71,8 +71,10 @@ def validate_config(config):
   _check('data.source', dc.source, dc.source in data_lib.SOURCES, f'one of {data_lib.SOURCES}')
   if dc.name == 'mvtec':
     unknown = [c for c in dc.categories if c not in data_lib.MVTEC_CATEGORIES]
-    _check('data.categories', tuple(dc.categories), dc.categories and not unknown,
-           f'MVTec AD categories, some of {data_lib.MVTEC_CATEGORIES}')
+    _check('data.categories', tuple(dc.categories),
+           tuple(dc.categories) == ('all',) or (dc.categories and not unknown),
+           f"MVTec AD categories, some of {data_lib.MVTEC_CATEGORIES}, or ('all',): every one "
+           'present under data.root')
   if dc.name == 'synthetic':
     unknown = [c for c in dc.categories if c not in data_lib.SYNTHETIC_CATEGORIES]
     _check('data.categories', tuple(dc.categories), dc.categories and not unknown,

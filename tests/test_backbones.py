@@ -302,3 +302,16 @@ def test_fold_batchnorm_with_real_weights(arch):
   ours, ref = jax.jit(folded.apply)(x), jax.jit(bb.apply)(x)
   for stage in bb.stages:
     _assert_close(ours[stage], np.asarray(ref[stage]).transpose(0, 3, 1, 2))
+
+
+def test_level_stages_number_the_hierarchy_as_the_paper():
+  for name in backbones.NAMES:  # Levels 2 + 3 are every backbone's default stages.
+    assert backbones.level_stages(name, '2+3') == backbones.DEFAULT_STAGES[name]
+  assert backbones.level_stages('wide_resnet50_2', '1+2+3') == ('layer1', 'layer2', 'layer3')
+  assert backbones.level_stages('efficientnet_lite2', [3, 1]) == ('blocks.3', 'blocks.14')
+  assert backbones.level_stages('vgg16', '1') == ('relu3_3',)
+  assert backbones.level_stages('densenet201', '1') == ('features.denseblock1',)
+  with pytest.raises(ValueError, match='no stage at level 5'):
+    backbones.level_stages('resnet18', '5')
+  with pytest.raises(ValueError, match="'\\+'-joined integers"):
+    backbones.level_stages('resnet18', 'layer2')

@@ -128,3 +128,13 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
                                   np.asarray(Image.open(os.path.join(b, rel))))
   masks = [np.asarray(Image.open(s.mask_path)) for s in split.test if s.label]
   assert all(m.any() for m in masks)  # Every defect is marked.
+
+
+def test_all_mvtec_categories_means_those_present(tmp_path):
+  from patchcore_jax.data import mvtec  # pylint: disable=g-import-not-at-top
+  for name in ('screw', 'bottle', 'not_a_category'):
+    (tmp_path / name).mkdir()
+  assert mvtec.resolve_categories(('all',), str(tmp_path)) == ('bottle', 'screw')
+  assert mvtec.resolve_categories(('screw',), str(tmp_path)) == ('screw',)
+  with pytest.raises(errors.UserError, match='no MVTec AD category folder under'):
+    mvtec.present_categories(str(tmp_path / 'not_a_category'))

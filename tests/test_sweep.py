@@ -9,6 +9,7 @@ import pytest
 
 from patchcore_jax import coreset
 from patchcore_jax import errors
+from patchcore_jax import metrics
 from patchcore_jax import sweep
 from tests.conftest import write_tiny_folder
 
@@ -87,10 +88,19 @@ def test_a_sweep_writes_every_variant_report_and_plots(tmp_path):
     assert r['pixel_auroc'] is not None and r['misclassified'] is not None
   assert json.load(open(os.path.join(workdir, 'sweep.json'))) == json.loads(json.dumps(records))
   report = open(os.path.join(workdir, 'report.md')).read()
-  assert '| greedy | 50 | 160 |' in report and 'The paper' in report
-  assert os.path.isfile(os.path.join(workdir, 'plots', 'parts_image_auroc.png'))
+  assert '| greedy | 50 % |  | 160 |' in report and 'The paper' in report
+  assert 'Sec. 4.4.3' in report  # The Fig. 5 config's statements of the paper.
+  for plot in ('image_auroc', 'roc', 'pr'):
+    assert os.path.isfile(os.path.join(workdir, 'plots', f'parts_{plot}.png'))
+  with open(os.path.join(workdir, 'scores', 'parts.csv')) as f:
+    rows = [line.split(',') for line in f.read().splitlines()]
+  assert rows[0][:3] == ['path', 'label', 'v0'] and len(rows[0]) == 2 + len(records)
+  labels = [int(r[1]) for r in rows[1:]]
+  for j, record in enumerate(records):  # Each column is the variant's image scores.
+    scores = [float(r[2 + j]) for r in rows[1:]]
+    assert metrics.image_auroc(labels, scores) == pytest.approx(record['image_auroc'])
   timings = json.load(open(os.path.join(workdir, 'timings.json')))
-  assert timings['parts']['features_seconds'] > 0
+  assert timings['parts']['features'][0]['seconds'] > 0 and timings['wall_seconds'] > 0
 
 
 def test_bad_sweep_fields_are_refused_by_name(tmp_path):
@@ -102,3 +112,117 @@ def test_bad_sweep_fields_are_refused_by_name(tmp_path):
   config.sweep.percentages = (0.1, 2.0)
   with pytest.raises(errors.UserError, match='config.sweep.percentages'):
     sweep.run(config, str(tmp_path / 'out'))
+
+
+def test_feature_axes_backbone_ensemble_and_ivfpq(tmp_path):
+  root = write_tiny_folder(str(tmp_path / 'parts'), np.random.default_rng(1), size=(64, 64))
+  config = _config(root)
+  config.sweep.subsamplers = ('greedy',)
+  config.sweep.percentages = (1.0,)
+  config.sweep.backbones = ('efficientnet_lite0', 'mobilenet_v2')
+  config.sweep.patch_sizes = (1, 3)
+  config.sweep.ensemble = True
+  config.sweep.searches = ('exact', 'ivfpq')
+  config.sweep.ivfpq.nlist = 4
+  config.sweep.ivfpq.subquantizers = 16
+  config.sweep.ivfpq.nprobe = (1, 4)
+  config.sweep.overlays = 2
+  workdir = str(tmp_path / 'out')
+  records = sweep.run(config, workdir)
+  single = [r for r in records if not r['variant']['backbone'].startswith('ensemble')]
+  assert [(r['variant']['backbone'], r['variant']['patch_size'], r['variant']['search'],
+           r['variant'].get('nprobe')) for r in single] == [
+               (b, p, s, n) for b in ('efficientnet_lite0', 'mobilenet_v2') for p in (1, 3)
+               for s, n in (('exact', None), ('ivfpq', 1), ('ivfpq', 4))]
+  assert single[0]['variant']['stages'] == 'blocks.4+blocks.10'
+  assert single[3]['variant']['stages'] == 'blocks.4+blocks.10'
+  assert single[6]['variant']['stages'] == 'features.6+features.13'
+  for r in single:
+    assert r['ms_per_image'] > r['embed_ms_per_image'] > 0
+    if r['variant']['search'] == 'ivfpq':
+      assert 0.0 <= r['recall_at_1'] <= 1.0
+      if r['variant']['nprobe'] == 4:  # Every cell visited: only the quantisation is left.
+        assert r['recall_at_1'] >= [s for s in single if s['variant'].get('nprobe') == 1
+                                    and s['variant']['patch_size'] == r['variant']['patch_size']
+                                    and s['variant']['backbone'] == r['variant']['backbone']
+                                    ][0]['recall_at_1']
+  ensembles = [r for r in records if r['variant']['backbone'].startswith('ensemble')]
+  assert len(ensembles) == 6  # One per (patch size, search, nprobe).
+  assert ensembles[0]['variant']['backbone'] == 'ensemble:efficientnet_lite0+mobilenet_v2'
+  # The ensemble's scores are the mean of the members' min-max normalised scores.
+  with open(os.path.join(workdir, 'scores', 'parts.csv')) as f:
+    table = [line.split(',') for line in f.read().splitlines()]
+  column = lambda j: np.array([float(r[2 + j]) for r in table[1:]])
+  norm = lambda x: (x - x.min()) / (x.max() - x.min())
+  members = [records.index(r) for r in single if r['variant']['patch_size'] == 1
+             and r['variant']['search'] == 'exact']
+  np.testing.assert_allclose(column(records.index(ensembles[0])),
+                             (norm(column(members[0])) + norm(column(members[1]))) / 2, rtol=1e-5)
+  assert len(os.listdir(os.path.join(workdir, 'overlays', 'parts'))) == 2
+
+
+def test_low_shot_banks_and_hierarchies(tmp_path):
+  root = write_tiny_folder(str(tmp_path / 'parts'), np.random.default_rng(2), size=(64, 64))
+  config = _config(root)
+  config.sweep.subsamplers = ('greedy',)
+  config.sweep.percentages = (1.0, 0.5)
+  config.sweep.hierarchies = ('2+3', '1+2+3')
+  config.sweep.shots = (1, 3)
+  config.sweep.seeds = (0, 1)
+  workdir = str(tmp_path / 'out')
+  records = sweep.run(config, workdir)
+  assert len(records) == 2 * 2 * 2 * 2
+  for r in records:
+    v = r['variant']
+    grid = 8 * 8 if v['hierarchy'] == '2+3' else 16 * 16  # Level 1 is at stride 4.
+    rows = v['shots'] * grid
+    assert r['memory_bank_size'] == (rows if v['percentage'] == 1.0 else rows // 2)
+  assert records[-1]['variant']['stages'] == 'blocks.3+blocks.6+blocks.14'
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert 'mean ± std over 2 seeds' in report
+  # Different seeds draw different images: the one-shot whole banks differ.
+  one_shot = [r for r in records if r['variant']['shots'] == 1 and r['variant']['percentage'] == 1.0
+              and r['variant']['hierarchy'] == '2+3']
+  assert len(one_shot) == 2
+  config.sweep.shots = (6,)
+  with pytest.raises(errors.UserError, match='only 5 training images'):
+    sweep.run(config, str(tmp_path / 'out2'))
+
+
+def test_scoring_axes_share_one_bank(tmp_path):
+  root = write_tiny_folder(str(tmp_path / 'parts'), np.random.default_rng(3), size=(64, 64))
+  config = _config(root)
+  config.sweep.subsamplers = ('greedy',)
+  config.sweep.percentages = (1.0,)
+  config.sweep.ks = (1, 3)
+  config.sweep.distances = ('squared_l2', 'l2')
+  config.sweep.reweights = (False, True)
+  records = sweep.run(config, str(tmp_path / 'out'))
+  assert [(r['variant']['k'], r['variant']['distance'], r['variant']['reweight'])
+          for r in records] == [(k, d, w) for k in (1, 3) for d in ('squared_l2', 'l2')
+                                for w in (False, True)]
+  # l2 is the square root of squared_l2 at k = 1 without Eq. 7: the same ranking.
+  assert records[0]['image_auroc'] == records[2]['image_auroc']
+  config.sweep.searches = ('ivfpq',)
+  with pytest.raises(errors.UserError, match='reweighting needs the exact search'):
+    sweep.run(config, str(tmp_path / 'out2'))
+
+
+def test_every_paper_config_builds_and_validates():
+  import importlib  # pylint: disable=g-import-not-at-top
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  from configs import paper  # pylint: disable=g-import-not-at-top
+  from patchcore_jax import experiment  # pylint: disable=g-import-not-at-top
+  names = [m.name for m in pkgutil.iter_modules(paper.__path__)]
+  assert {'table1_mvtec', 'table4_variants', 'table5_inference', 'fig4_patch_size',
+          'fig4_hierarchies', 'fig5_subsampling', 'stride', 'tableS5_lowshot',
+          'table6_mtd'} <= set(names)
+  for name in names:
+    module = importlib.import_module(f'configs.paper.{name}')
+    assert 'python launch.py --config=configs/paper/' in module.__doc__
+    for arg in (('part=resolution', 'part=hierarchies', 'part=ensemble')
+                if name == 'table4_variants' else (None,)):
+      config = module.get_config(arg)
+      assert config.job == 'sweep' and config.sweep.paper in sweep.PAPER
+      sweep.validate(config)
+      experiment.validate_config(config)

@@ -32,5 +32,6 @@ def get_config(arg=None):
   config.sweep.percentages = (1.0, 0.25, 0.1, 0.01, 0.001)
   config.sweep.proxies.steps = args['proxy_steps']
   config.sweep.proxies.sign = args['proxies_sign']
+  config.sweep.paper = 'fig5'
   config.lock()
   return config

@@ -120,6 +120,33 @@ def build_model(name, stages):
   raise ValueError(f'unknown backbone {name!r}; known: {", ".join(NAMES)}')
 
 
+def level_stages(name, levels):
+  """The stages of backbone `name` for feature hierarchy levels, as the paper numbers them
+  (Fig. 4): level l is the last stage at stride 2 ** (l + 1), so 1, 2, 3 are a ResNet's layer1,
+  layer2, layer3 (strides 4, 8, 16) and 2 + 3 is every backbone's default.
+
+  Args:
+    name: a backbone name (NAMES).
+    levels: '+'-joined levels, e.g. '2+3', or a sequence of ints.
+  Returns:
+    A tuple of stage names, shallowest first.
+  """
+  if isinstance(levels, str):
+    try:
+      levels = [int(x) for x in levels.split('+')]
+    except ValueError:
+      raise ValueError(f'levels must be \'+\'-joined integers such as \'2+3\', got {levels!r}')
+  _, strides = build_model(name, DEFAULT_STAGES[name])
+  out = []
+  for level in sorted(levels):
+    found = [s for s, v in strides.items() if v == 2 ** (level + 1)
+             and s not in ('stem', 'head', 'logits')]
+    if not found:
+      raise ValueError(f'{name} has no stage at level {level} (stride {2 ** (level + 1)})')
+    out.append(found[-1])
+  return tuple(out)
+
+
 def _full_stages(name, flat):
   """The stages that make a model own every parameter of the weights `flat`: with a classifier
   if the weights have one (torchvision files), else up to the last feature stage."""

@@ -11,7 +11,7 @@ from patchcore_jax import errors
 from patchcore_jax.data.common import check_split, iterate_batches, open_file, Sample, Split
 from patchcore_jax.data.folder import folder_split
 from patchcore_jax.data.mtd import mtd_split
-from patchcore_jax.data.mvtec import MVTEC_CATEGORIES, mvtec_split
+from patchcore_jax.data.mvtec import MVTEC_CATEGORIES, mvtec_split, resolve_categories
 from patchcore_jax.data.synthetic import make_synthetic_dataset, SYNTHETIC_CATEGORIES
 from patchcore_jax.data.transforms import load_image, load_mask
 
@@ -35,7 +35,7 @@ def get_splits(data_config, info=None):
   if name != 'synthetic' and not os.path.isdir(root):
     raise errors.UserError(f'config.data.root={root!r}: no such folder')
   if name == 'mvtec':
-    return {c: mvtec_split(root, c) for c in data_config.categories}
+    return {c: mvtec_split(root, c) for c in resolve_categories(data_config.categories, root)}
   if name == 'mtd':
     return {'mtd': mtd_split(root)}
   if name == 'folder':
@@ -53,7 +53,10 @@ def _tfds_splits(data_config, info):
   if root and not os.path.isdir(root):
     raise errors.UserError(f'config.data.root={root!r}: no such folder')
   if name == 'mvtec':
-    categories = tuple(data_config.categories)
+    if tuple(data_config.categories) == ('all',) and not root:
+      raise errors.UserError('config.data.categories=(\'all\',) needs config.data.root: the '
+                             'categories present there are the ones run')
+    categories = resolve_categories(data_config.categories, root)
   elif name == 'mtd':
     categories = ('mtd',)
   elif name == 'folder':

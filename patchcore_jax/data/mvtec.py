@@ -18,3 +18,17 @@ def mvtec_split(root, category):
   if not os.path.isdir(directory):
     raise errors.UserError(f'MVTec AD category {category!r} not found at {directory}')
   return folder_split(directory, name=category, relative_to=root)
+
+
+def present_categories(root):
+  """The MVTec AD categories with a folder under `root`, in the official order."""
+  found = tuple(c for c in MVTEC_CATEGORIES if os.path.isdir(os.path.join(root, c)))
+  if not found:
+    raise errors.UserError(f'no MVTec AD category folder under {root} (looked for '
+                           f'{", ".join(MVTEC_CATEGORIES)})')
+  return found
+
+
+def resolve_categories(categories, root):
+  """('all',) -> the categories present under `root`; any other tuple as it is."""
+  return present_categories(root) if tuple(categories) == ('all',) else tuple(categories)

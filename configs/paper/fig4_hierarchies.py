@@ -1,0 +1,30 @@
+r"""Fig. 4 (right): feature hierarchy levels 1, 2, 3, 1+2, 2+3, 1+2+3.
+
+  python launch.py --config=configs/paper/fig4_hierarchies.py --config.data.root=/path/to/mvtec_ad \
+      --workdir=workdirs/fig4_hierarchies
+
+Level l is the backbone's last stage at stride 2 ** (l + 1) (backbones.level_stages: a ResNet's
+layer1 / layer2 / layer3; EfficientNet-Lite2's blocks.3 / blocks.6 / blocks.14); the features
+of several levels are aggregated on the shallowest one's grid, so banks with level 1 are 4x
+larger (56 x 56 patches per image at 224 px). PatchCore-1 % (greedy).
+
+Arguments: category, backbone, percentage.
+Paper: levels 2+3 are kept (the default everywhere).
+Ours on bottle, 2-core CPU: README "Paper experiments".
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2', percentage=0.01)
+  config = common.get_base_config(args['backbone'])
+  config.job = 'sweep'
+  config.data.name = 'mvtec'
+  config.data.categories = tuple(args['category'].split('+'))
+  config.sweep = common.sweep_config()
+  config.sweep.subsamplers = ('greedy',)
+  config.sweep.percentages = (args['percentage'],)
+  config.sweep.hierarchies = ('1', '2', '3', '1+2', '2+3', '1+2+3')
+  config.sweep.paper = 'fig4_hierarchies'
+  config.lock()
+  return config

@@ -1,0 +1,32 @@
+r"""Table S5: low-shot PatchCore with 1, 2, 5, 10, 16, 20 and 50 training images, 3 seeds.
+
+  python launch.py --config=configs/paper/tableS5_lowshot.py --config.data.root=/path/to/mvtec_ad \
+      --workdir=workdirs/lowshot
+
+The features of every training image are extracted once; each (shots, seed) draws that many
+training images without replacement (numpy's default_rng(seed)) and builds its bank from their
+patches, then the greedy coreset (PatchCore-10 %). report.md: every run, and the mean ± std over
+seeds per shot count.
+
+Arguments: category, backbone, percentage, seeds (the number of seeds: 0 .. seeds-1).
+Paper: supplementary Table S5 (mean over the 15 categories, WideResNet-50).
+Ours on bottle, 2-core CPU: README "Paper experiments".
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2', percentage=0.1,
+                          seeds=3)
+  config = common.get_base_config(args['backbone'])
+  config.job = 'sweep'
+  config.data.name = 'mvtec'
+  config.data.categories = tuple(args['category'].split('+'))
+  config.sweep = common.sweep_config()
+  config.sweep.subsamplers = ('greedy',)
+  config.sweep.percentages = (args['percentage'],)
+  config.sweep.shots = (1, 2, 5, 10, 16, 20, 50)
+  config.sweep.seeds = tuple(range(args['seeds']))
+  config.sweep.paper = 'lowshot'
+  config.lock()
+  return config
