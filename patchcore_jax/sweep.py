@@ -400,16 +400,20 @@ def combine(runs):
 
 def ensemble_records(kept, labels, masks, has_masks, backbones_needed):
   """Records of the backbone ensembles: every group of variants that differ only in the
-  backbone (and its stages), with a run for each backbone in `backbones_needed`."""
+  backbone (and its stages), with a run for each backbone in `backbones_needed`.
+
+  Args:
+    kept: (variant, image scores [n], maps [n, S, S], ms per image) of every variant.
+  """
   groups = {}
-  for variant, scores, maps in kept:
+  for variant, scores, maps, ms in kept:
     key = tuple((k, v) for k, v in variant.items() if k not in ('backbone', 'stages'))
-    groups.setdefault(key, {})[variant['backbone']] = (scores, maps)
+    groups.setdefault(key, {})[variant['backbone']] = (scores, maps, ms)
   out = []
   for key, members in groups.items():
     if set(members) != set(backbones_needed):
       continue
-    scores, maps = combine([members[b] for b in backbones_needed])
+    scores, maps = combine([members[b][:2] for b in backbones_needed])
     threshold, _ = metrics.f1_optimal_threshold(labels, scores)
     out.append(dict(key) | {
         'backbone': 'ensemble:' + '+'.join(backbones_needed), 'stages': '',
@@ -418,7 +422,9 @@ def ensemble_records(kept, labels, masks, has_masks, backbones_needed):
             'pixel_auroc': metrics.pixel_auroc(masks, maps) if has_masks else None,
             'au_pro': metrics.au_pro(masks, maps) if has_masks else None,
             'misclassified': (int(np.sum((scores > threshold) != labels))
-                              if threshold is not None else None)},
+                              if threshold is not None else None),
+            # Every member's embedding and search, one after the other.
+            'ms_per_image': float(sum(members[b][2] for b in backbones_needed))},
         '_scores': scores})
   return out
 
@@ -588,7 +594,7 @@ def _category(config, name, split, settings, key, workdir, records, timings):
           records.append(record)
           columns.append((f'v{len(records) - 1}', scores))
           if sc.ensemble:
-            kept.append((variant, scores, maps))
+            kept.append((variant, scores, maps, record['ms_per_image']))
           if sc.overlays and not overlay_done:
             _write_overlays(os.path.join(workdir, 'overlays', name), split, fsettings, labels,
                             scores, maps, masks, sc.overlays)
@@ -601,6 +607,7 @@ def _category(config, name, split, settings, key, workdir, records, timings):
                        record['ms_per_image'], seconds, record['score_seconds'])
           workdir_lib.write_json(os.path.join(workdir, 'sweep.json'), records)
           seconds = 0.0  # The subsampling is counted once, with its first scoring.
+    del features, bank_all, bank_rows, bank, index  # Before the next variant's extraction.
   if sc.ensemble:
     needed = tuple(dict.fromkeys(sc.backbones))
     for e in ensemble_records(kept, labels, masks, has_masks, needed):
@@ -624,6 +631,9 @@ def run(config, workdir):
   validate(config)
   settings = experiment.validate_config(config)
   splits = data_lib.get_splits(config.data)
+  if config.data.max_train_images > 0:  # As an experiment run: the first N training images.
+    splits = {name: dataclasses.replace(split, train=split.train[:config.data.max_train_images])
+              for name, split in splits.items()}
   for split in splits.values():
     data_lib.check_split(split)
   status = workdir_lib.claim(workdir, job='sweep', outputs=OUTPUTS,

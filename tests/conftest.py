@@ -76,6 +76,10 @@ SLOW = (
     'test_tfds_builders.py::test_a_run_from_tfds_equals_the_run_from_files',  # 12 s
     'test_tfds_builders.py::test_folder_dataset_has_the_same_samples_bytes_and_pixels',  # 13 s
     'test_sweep.py::test_a_sweep_writes_every_variant_report_and_plots',  # 13 s
+    'test_sweep.py::test_feature_axes_backbone_ensemble_and_ivfpq',  # 16 s
+    'test_sweep.py::test_low_shot_banks_and_hierarchies',  # 10 s
+    'test_sweep.py::test_several_categories_get_a_mean',  # 15 s
+    'test_ivfpq.py::test_recall_as_faiss_at_equal_parameters',  # 8 s (with faiss installed)
     'test_backbones.py::test_matches_torchvision[resnet18]',  # 14 s
     'test_predict_job.py::test_launcher_writes_rows_masks_and_overlays_and_survives_bad_files',
     'test_patchcore.py::test_load_refuses_broken_models_naming_the_file',  # 12 s

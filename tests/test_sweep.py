@@ -148,6 +148,9 @@ def test_feature_axes_backbone_ensemble_and_ivfpq(tmp_path):
                                     ][0]['recall_at_1']
   ensembles = [r for r in records if r['variant']['backbone'].startswith('ensemble')]
   assert len(ensembles) == 6  # One per (patch size, search, nprobe).
+  assert ensembles[0]['ms_per_image'] == pytest.approx(sum(
+      r['ms_per_image'] for r in single if r['variant']['patch_size'] == 1
+      and r['variant']['search'] == 'exact'))
   assert ensembles[0]['variant']['backbone'] == 'ensemble:efficientnet_lite0+mobilenet_v2'
   # The ensemble's scores are the mean of the members' min-max normalised scores.
   with open(os.path.join(workdir, 'scores', 'parts.csv')) as f:
@@ -226,3 +229,21 @@ def test_every_paper_config_builds_and_validates():
       assert config.job == 'sweep' and config.sweep.paper in sweep.PAPER
       sweep.validate(config)
       experiment.validate_config(config)
+
+
+def test_several_categories_get_a_mean(tmp_path):
+  config = _config(str(tmp_path / 'data'))
+  config.data.name = 'synthetic'
+  config.data.categories = ('weave', 'tiles')
+  config.data.max_train_images = 6
+  config.sweep.subsamplers = ('greedy',)
+  config.sweep.percentages = (1.0, 0.1)
+  records = sweep.run(config, str(tmp_path / 'out'))
+  assert [(r['category'], r['variant']['percentage']) for r in records] == [
+      (c, p) for c in ('weave', 'tiles') for p in (1.0, 0.1)]
+  assert records[0]['memory_bank_size'] == 6 * 8 * 8  # max_train_images, as an experiment run.
+  report = open(os.path.join(tmp_path, 'out', 'report.md')).read()
+  mean = np.mean([r['image_auroc'] for r in records if r['variant']['percentage'] == 0.1])
+  std = np.std([r['image_auroc'] for r in records if r['variant']['percentage'] == 0.1])
+  assert '## Mean ± std over 2 categories' in report
+  assert f'| 10 % | 2 | {100 * mean:.2f} ± {100 * std:.2f} |' in report

@@ -10,7 +10,9 @@ larger (56 x 56 patches per image at 224 px). PatchCore-1 % (greedy).
 
 Arguments: category, backbone, percentage.
 Paper: levels 2+3 are kept (the default everywhere).
-Ours on bottle, 2-core CPU: README "Paper experiments".
+Ours on bottle, EfficientNet-Lite2, 2-core CPU (image AUROC / pixel AUROC / AU-PRO): 1: 99.21 / 96.40 /
+  92.01; 2: 100.00 / 98.29 / 94.86; 3: 100.00 / 97.17 / 88.84; 1+2: 99.92 / 97.55 / 94.02; 2+3:
+  100.00 / 98.51 / 94.95; 1+2+3: 99.92 / 98.20 / 95.18 (3 min 19 s, peak RSS 7.0 GB).
 """
 from configs import common
 

@@ -8,7 +8,9 @@ aggregation is inside the compiled embedding). PatchCore-1 % (greedy).
 
 Arguments: category, backbone, percentage.
 Paper: p = 3 is kept (smaller: too little context; larger: locality lost).
-Ours on bottle, 2-core CPU: README "Paper experiments".
+Ours on bottle, EfficientNet-Lite2, 2-core CPU (image AUROC / pixel AUROC / AU-PRO): p = 1 100.00 /
+  98.33 / 95.49; 3: 100.00 / 98.51 / 94.95; 5: 99.76 / 98.43 / 92.31; 7: 99.68 / 97.75 / 86.55;
+  9: 99.37 / 96.81 / 79.88 (2 min 14 s).
 """
 from configs import common
 

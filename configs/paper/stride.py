@@ -8,7 +8,8 @@ Features once per stride; PatchCore-10 % (greedy).
 
 Arguments: category, backbone, percentage.
 Paper: 97.6 and 96.8 image AUROC at s = 2 and 3 (mean over MVTec AD, WideResNet-50).
-Ours on bottle, 2-core CPU: README "Paper experiments".
+Ours on bottle, EfficientNet-Lite2, 2-core CPU (image AUROC / pixel AUROC / AU-PRO): s = 1 100.00 /
+  98.67 / 95.07; 2: 100.00 / 98.33 / 93.19; 3: 100.00 / 98.34 / 92.86 (1 min 22 s).
 """
 from configs import common
 

@@ -13,7 +13,10 @@ metrics. Add --config.sweep.ivfpq.percentages="()" to index every bank.
 Arguments: category, backbone.
 Paper: PatchCore-10 % takes 0.22 s per image (its GPU); 100 % + IVFPQ loses about one point of
   image AUROC and is still slower than PatchCore-1 %.
-Ours on bottle, 2-core CPU: README "Paper experiments".
+Ours on bottle, EfficientNet-Lite2, 2-core CPU (ms per image; image AUROC / pixel AUROC / AU-PRO):
+  100 % 1574 ms, 100.00 / 98.65 / 95.27; 10 % 100 ms, 100.00 / 98.67 / 95.07; 1 % 42 ms, 100.00 /
+  98.51 / 94.95; 100 % + IVF-PQ nprobe 1: 98 ms, 100.00 / 98.62 / 95.18, recall@1 0.462; nprobe 8:
+  831 ms, recall@1 0.485 (index built in 35 s); 5 min 12 s in all (README "Paper experiments").
 """
 from configs import common
 

@@ -10,7 +10,8 @@ configs/mtd.py instead.
 
 Arguments: backbone, percentages ('+'-joined fractions, default 0.01).
 Paper: image AUROC 97.9 (WideResNet-50).
-Ours, 2-core CPU: README "Paper experiments".
+Ours, EfficientNet-Lite2, PatchCore-1 %, 2-core CPU: 90.20 / 74.73 / 71.80 (image AUROC / pixel
+  AUROC / AU-PRO), 99 of 583 misclassified, as configs/mtd.py (1 min 39 s).
 """
 from configs import common
 
