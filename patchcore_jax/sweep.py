@@ -781,15 +781,22 @@ def _table(records, keys):
   return lines
 
 
-def _stats_table(groups, keys, title):
+def _stats_table(groups, keys, title, *, total_misclassified=False):
+  """Mean ± std of the metrics per group; with `total_misclassified`, also the sum of the
+  misclassified counts (Table 1's last row, over categories)."""
   head = [k.replace('_', ' ') for k in keys] + ['n', 'image AUROC', 'pixel AUROC', 'AU-PRO']
+  head += ['misclassified (total)'] if total_misclassified else []
   lines = [title, '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for variant, stats in groups:
     cell = lambda m: (f'{100 * stats[m][0]:.2f} ± {100 * stats[m][1]:.2f}' if m in stats
                       else 'n/a')
     n = max((s[2] for s in stats.values()), default=0)
+    total = []
+    if total_misclassified:
+      mis = stats.get('misclassified')
+      total = [str(int(round(mis[0] * mis[2]))) if mis else 'n/a']
     lines.append('| ' + ' | '.join([_fmt_value(k, variant.get(k, '')) for k in keys]
-                                   + [str(n)] + [cell(m) for m in _METRICS]) + ' |')
+                                   + [str(n)] + [cell(m) for m in _METRICS] + total) + ' |')
   return lines + ['']
 
 
@@ -814,7 +821,8 @@ def report(records, config, timings):
   if len(categories) > 1:
     groups = aggregate([dict(r, variant=dict(r['variant'], category=r['category']))
                         for r in records], 'category')
-    lines += _stats_table(groups, keys, f'## Mean ± std over {len(categories)} categories')
+    lines += _stats_table(groups, keys, f'## Mean ± std over {len(categories)} categories',
+                          total_misclassified=True)
   lines += [f'Wall clock: {timings.get("wall_seconds", 0):.1f} s.', '', '## The paper', '']
   lines += [f'- {line}' for line in PAPER.get(config.sweep.paper, [])] + ['']
   return '\n'.join(lines)

@@ -247,3 +247,6 @@ def test_several_categories_get_a_mean(tmp_path):
   std = np.std([r['image_auroc'] for r in records if r['variant']['percentage'] == 0.1])
   assert '## Mean ± std over 2 categories' in report
   assert f'| 10 % | 2 | {100 * mean:.2f} ± {100 * std:.2f} |' in report
+  total = sum(r['misclassified'] for r in records if r['variant']['percentage'] == 0.1)
+  row = next(line for line in report.splitlines() if '| 10 % | 2 |' in line)
+  assert row.endswith(f'| {total} |')  # Table 1's last row: misclassified over categories.
