@@ -72,6 +72,15 @@ def _config(root):
   return config
 
 
+def _greedy_config(tmp_path, seed, percentages):
+  """A sweep of the greedy coreset at `percentages` on a tiny generated folder."""
+  root = write_tiny_folder(str(tmp_path / 'parts'), np.random.default_rng(seed), size=(64, 64))
+  config = _config(root)
+  config.sweep.subsamplers = ('greedy',)
+  config.sweep.percentages = percentages
+  return config
+
+
 def test_a_sweep_writes_every_variant_report_and_plots(tmp_path):
   root = write_tiny_folder(str(tmp_path / 'parts'), np.random.default_rng(0), size=(64, 64))
   workdir = str(tmp_path / 'out')
@@ -115,10 +124,7 @@ def test_bad_sweep_fields_are_refused_by_name(tmp_path):
 
 
 def test_feature_axes_backbone_ensemble_and_ivfpq(tmp_path):
-  root = write_tiny_folder(str(tmp_path / 'parts'), np.random.default_rng(1), size=(64, 64))
-  config = _config(root)
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (1.0,)
+  config = _greedy_config(tmp_path, 1, (1.0,))
   config.sweep.backbones = ('efficientnet_lite0', 'mobilenet_v2')
   config.sweep.patch_sizes = (1, 3)
   config.sweep.ensemble = True
@@ -165,10 +171,7 @@ def test_feature_axes_backbone_ensemble_and_ivfpq(tmp_path):
 
 
 def test_low_shot_banks_and_hierarchies(tmp_path):
-  root = write_tiny_folder(str(tmp_path / 'parts'), np.random.default_rng(2), size=(64, 64))
-  config = _config(root)
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (1.0, 0.5)
+  config = _greedy_config(tmp_path, 2, (1.0, 0.5))
   config.sweep.hierarchies = ('2+3', '1+2+3')
   config.sweep.shots = (1, 3)
   config.sweep.seeds = (0, 1)
@@ -183,20 +186,13 @@ def test_low_shot_banks_and_hierarchies(tmp_path):
   assert records[-1]['variant']['stages'] == 'blocks.3+blocks.6+blocks.14'
   report = open(os.path.join(workdir, 'report.md')).read()
   assert 'mean ± std over 2 seeds' in report
-  # Different seeds draw different images: the one-shot whole banks differ.
-  one_shot = [r for r in records if r['variant']['shots'] == 1 and r['variant']['percentage'] == 1.0
-              and r['variant']['hierarchy'] == '2+3']
-  assert len(one_shot) == 2
   config.sweep.shots = (6,)
   with pytest.raises(errors.UserError, match='only 5 training images'):
     sweep.run(config, str(tmp_path / 'out2'))
 
 
 def test_scoring_axes_share_one_bank(tmp_path):
-  root = write_tiny_folder(str(tmp_path / 'parts'), np.random.default_rng(3), size=(64, 64))
-  config = _config(root)
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (1.0,)
+  config = _greedy_config(tmp_path, 3, (1.0,))
   config.sweep.ks = (1, 3)
   config.sweep.distances = ('squared_l2', 'l2')
   config.sweep.reweights = (False, True)
@@ -250,3 +246,25 @@ def test_several_categories_get_a_mean(tmp_path):
   total = sum(r['misclassified'] for r in records if r['variant']['percentage'] == 0.1)
   row = next(line for line in report.splitlines() if '| 10 % | 2 |' in line)
   assert row.endswith(f'| {total} |')  # Table 1's last row: misclassified over categories.
+
+
+def test_shot_banks_are_the_rows_of_the_drawn_images():
+  train = np.arange(10 * 4 * 3, dtype=np.float32).reshape(40, 3)  # 10 images x 4 patches.
+  features = sweep.Features(train=train, test=None, labels=None, masks=None, has_masks=False,
+                            seconds=0.0)
+  config = _config('unused')
+  config.sweep.shots = (1, 3)
+  config.sweep.seeds = (0, 1)
+  banks = list(sweep.shot_banks(features, 4, config))
+  assert [v for v, _ in banks] == [dict(shots=n, shot_seed=s) for n in (1, 3) for s in (0, 1)]
+  for variant, bank in banks:
+    images = sorted({int(row[0]) // 12 for row in bank})  # Each image holds 4 rows of 3.
+    assert len(images) == variant['shots'] and bank.shape == (4 * variant['shots'], 3)
+    expected = np.sort(np.random.default_rng(variant['shot_seed']).choice(
+        10, variant['shots'], replace=False))
+    assert images == expected.tolist()
+    np.testing.assert_array_equal(bank, np.concatenate([train[4 * i:4 * i + 4] for i in images]))
+  assert not np.array_equal(banks[2][1], banks[3][1])  # Seeds draw different images.
+  config.sweep.shots = ()
+  [(variant, bank)] = list(sweep.shot_banks(features, 4, config))
+  assert variant == {} and bank is train

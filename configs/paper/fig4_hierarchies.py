@@ -15,18 +15,12 @@ Ours on bottle, EfficientNet-Lite2, 2-core CPU (image AUROC / pixel AUROC / AU-P
   100.00 / 98.51 / 94.95; 1+2+3: 99.92 / 98.20 / 95.18 (3 min 19 s, peak RSS 7.0 GB).
 """
 from configs import common
+from configs.paper import sweep_base
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2', percentage=0.01)
-  config = common.get_base_config(args['backbone'])
-  config.job = 'sweep'
-  config.data.name = 'mvtec'
-  config.data.categories = tuple(args['category'].split('+'))
-  config.sweep = common.sweep_config()
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (args['percentage'],)
+  config = sweep_base(args, percentages=(args['percentage'],), paper='fig4_hierarchies')
   config.sweep.hierarchies = ('1', '2', '3', '1+2', '2+3', '1+2+3')
-  config.sweep.paper = 'fig4_hierarchies'
   config.lock()
   return config

@@ -13,18 +13,12 @@ Ours on bottle, EfficientNet-Lite2, 2-core CPU (image AUROC / pixel AUROC / AU-P
   9: 99.37 / 96.81 / 79.88 (2 min 14 s).
 """
 from configs import common
+from configs.paper import sweep_base
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2', percentage=0.01)
-  config = common.get_base_config(args['backbone'])
-  config.job = 'sweep'
-  config.data.name = 'mvtec'
-  config.data.categories = tuple(args['category'].split('+'))
-  config.sweep = common.sweep_config()
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (args['percentage'],)
+  config = sweep_base(args, percentages=(args['percentage'],), paper='fig4_patch_size')
   config.sweep.patch_sizes = (1, 3, 5, 7, 9)
-  config.sweep.paper = 'fig4_patch_size'
   config.lock()
   return config

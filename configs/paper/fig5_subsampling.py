@@ -18,20 +18,15 @@ Measured on bottle, EfficientNet-Lite2, 2-core CPU (README "Paper experiments"):
   100 %, 96.3 % for the 1 % coreset (paper: < 30 %, ~95 %); 16 min 48 s for all 17 variants.
 """
 from configs import common
+from configs.paper import sweep_base
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2', proxy_steps=200,
                           proxies_sign='both')
-  config = common.get_base_config(args['backbone'])
-  config.job = 'sweep'
-  config.data.name = 'mvtec'
-  config.data.categories = tuple(args['category'].split('+'))
-  config.sweep = common.sweep_config()
-  config.sweep.subsamplers = ('greedy', 'random', 'proxies')
-  config.sweep.percentages = (1.0, 0.25, 0.1, 0.01, 0.001)
+  config = sweep_base(args, percentages=(1.0, 0.25, 0.1, 0.01, 0.001), paper='fig5',
+                      subsamplers=('greedy', 'random', 'proxies'))
   config.sweep.proxies.steps = args['proxy_steps']
   config.sweep.proxies.sign = args['proxies_sign']
-  config.sweep.paper = 'fig5'
   config.lock()
   return config

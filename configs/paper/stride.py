@@ -12,18 +12,12 @@ Ours on bottle, EfficientNet-Lite2, 2-core CPU (image AUROC / pixel AUROC / AU-P
   98.67 / 95.07; 2: 100.00 / 98.33 / 93.19; 3: 100.00 / 98.34 / 92.86 (1 min 22 s).
 """
 from configs import common
+from configs.paper import sweep_base
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2', percentage=0.1)
-  config = common.get_base_config(args['backbone'])
-  config.job = 'sweep'
-  config.data.name = 'mvtec'
-  config.data.categories = tuple(args['category'].split('+'))
-  config.sweep = common.sweep_config()
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (args['percentage'],)
+  config = sweep_base(args, percentages=(args['percentage'],), paper='stride')
   config.sweep.strides = (1, 2, 3)
-  config.sweep.paper = 'stride'
   config.lock()
   return config

@@ -21,18 +21,12 @@ experiments"):
     1 %: 99.84 / 96.59 / 89.66 (1); 2 min 11 s
 """
 from configs import common
+from configs.paper import sweep_base
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, category='all', backbone='efficientnet_lite2')
-  config = common.get_base_config(args['backbone'])
-  config.job = 'sweep'
-  config.data.name = 'mvtec'
-  config.data.categories = tuple(args['category'].split('+'))  # 'all': those under data.root.
-  config.sweep = common.sweep_config()
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (0.25, 0.1, 0.01)
+  config = sweep_base(args, percentages=(0.25, 0.1, 0.01), paper='table1')
   config.sweep.overlays = 8
-  config.sweep.paper = 'table1'
   config.lock()
   return config

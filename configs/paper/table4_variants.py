@@ -25,6 +25,7 @@ Ours on bottle, EfficientNet-Lite2 unless named, PatchCore-1 % (image AUROC / pi
                     the three 100.00 / 98.17 / 94.28 (1 min 43 s)
 """
 from configs import common
+from configs.paper import sweep_base
 
 PARTS = ('resolution', 'hierarchies', 'ensemble')
 
@@ -34,13 +35,7 @@ def get_config(arg=None):
                           percentage=0.01)
   if args['part'] not in PARTS:
     raise ValueError(f'part must be one of {PARTS}, got {args["part"]!r}')
-  config = common.get_base_config(args['backbone'])
-  config.job = 'sweep'
-  config.data.name = 'mvtec'
-  config.data.categories = tuple(args['category'].split('+'))
-  config.sweep = common.sweep_config()
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (args['percentage'],)
+  config = sweep_base(args, percentages=(args['percentage'],), paper='table4')
   if args['part'] == 'resolution':
     config.sweep.image_sizes = (224, 280, 320)
   elif args['part'] == 'hierarchies':
@@ -48,6 +43,5 @@ def get_config(arg=None):
   else:
     config.sweep.backbones = ('efficientnet_lite2', 'vgg16', 'mobilenet_v2')
     config.sweep.ensemble = True
-  config.sweep.paper = 'table4'
   config.lock()
   return config

@@ -19,20 +19,14 @@ Ours on bottle, EfficientNet-Lite2, 2-core CPU (ms per image; image AUROC / pixe
   831 ms, recall@1 0.485 (index built in 35 s); 5 min 12 s in all (README "Paper experiments").
 """
 from configs import common
+from configs.paper import sweep_base
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2')
-  config = common.get_base_config(args['backbone'])
-  config.job = 'sweep'
-  config.data.name = 'mvtec'
-  config.data.categories = tuple(args['category'].split('+'))
-  config.sweep = common.sweep_config()
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (1.0, 0.1, 0.01)
+  config = sweep_base(args, percentages=(1.0, 0.1, 0.01), paper='table5')
   config.sweep.searches = ('exact', 'ivfpq')
   config.sweep.ivfpq.nprobe = (1, 8)
   config.sweep.ivfpq.percentages = (1.0,)
-  config.sweep.paper = 'table5'
   config.lock()
   return config

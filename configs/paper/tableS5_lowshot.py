@@ -15,20 +15,14 @@ Ours on bottle, EfficientNet-Lite2, 2-core CPU, image AUROC mean ± std over 3 s
   at 5, 95.16 at 16); 1 min 44 s for the 21 runs (README "Paper experiments").
 """
 from configs import common
+from configs.paper import sweep_base
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, category='bottle', backbone='efficientnet_lite2', percentage=0.1,
                           seeds=3)
-  config = common.get_base_config(args['backbone'])
-  config.job = 'sweep'
-  config.data.name = 'mvtec'
-  config.data.categories = tuple(args['category'].split('+'))
-  config.sweep = common.sweep_config()
-  config.sweep.subsamplers = ('greedy',)
-  config.sweep.percentages = (args['percentage'],)
+  config = sweep_base(args, percentages=(args['percentage'],), paper='lowshot')
   config.sweep.shots = (1, 2, 5, 10, 16, 20, 50)
   config.sweep.seeds = tuple(range(args['seeds']))
-  config.sweep.paper = 'lowshot'
   config.lock()
   return config
