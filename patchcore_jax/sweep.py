@@ -541,9 +541,6 @@ def _category(config, name, split, settings, key, workdir, records, timings):
     backbone = load_backbone(config, fv)
     features = extract(backbone, split, fsettings, num_workers=config.data.num_workers)
     labels, masks, has_masks = features.labels, features.masks, features.has_masks
-    if sc.shots and max(sc.shots) > len(split.train):
-      raise errors.UserError(f'config.sweep.shots={tuple(sc.shots)!r}: {name} has only '
-                             f'{len(split.train)} training images')
     _, h, w, _ = features.test.shape
     embed_ms = 1000.0 * features.test_seconds / len(split.test)
     t['features'].append(dict(feature_variant=fv, seconds=features.seconds,
@@ -634,8 +631,11 @@ def run(config, workdir):
   if config.data.max_train_images > 0:  # As an experiment run: the first N training images.
     splits = {name: dataclasses.replace(split, train=split.train[:config.data.max_train_images])
               for name, split in splits.items()}
-  for split in splits.values():
+  for name, split in splits.items():
     data_lib.check_split(split)
+    if config.sweep.shots and max(config.sweep.shots) > len(split.train):
+      raise errors.UserError(f'config.sweep.shots={tuple(config.sweep.shots)!r}: {name} has only '
+                             f'{len(split.train)} training images')
   status = workdir_lib.claim(workdir, job='sweep', outputs=OUTPUTS,
                              overwrite=config.output.overwrite)
   try:
@@ -760,23 +760,22 @@ def aggregate(records, over):
 
 
 def _table(records, keys):
+  approximate = any('recall_at_1' in r for r in records)
   head = [k.replace('_', ' ') for k in keys] + [
       'bank', 'image AUROC', 'pixel AUROC', 'AU-PRO', 'misclassified', 'bank usage',
-      'ms / image', 'subsample s', 'score s']
+      'ms / image', 'subsample s', 'score s'] + (['recall@1', 'index s'] if approximate else [])
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  number = lambda r, field, fmt: format(r[field], fmt) if r.get(field) is not None else '-'
   for r in records:
     v = r['variant']
     cells = [_fmt_value(k, v.get(k, '')) for k in keys] + [
-        f'{r["memory_bank_size"]:,}' if r.get('memory_bank_size') is not None else '-',
-        _pct(r['image_auroc']), _pct(r['pixel_auroc']), _pct(r['au_pro']),
-        str(r['misclassified']),
+        number(r, 'memory_bank_size', ','), _pct(r['image_auroc']), _pct(r['pixel_auroc']),
+        _pct(r['au_pro']), str(r['misclassified']),
         _pct(r['memory_bank_usage']) if r.get('memory_bank_usage') is not None else '-',
-        f'{r["ms_per_image"]:.1f}' if 'ms_per_image' in r else '-',
-        f'{r["subsample_seconds"]:.1f}' if 'subsample_seconds' in r else '-',
-        f'{r["score_seconds"]:.1f}' if 'score_seconds' in r else '-']
-    if 'recall_at_1' in r:
-      index = f', index built in {r["index_seconds"]:.1f} s' if 'index_seconds' in r else ''
-      cells[len(keys) - 1] += f' (recall@1 {r["recall_at_1"]:.3f}{index})'
+        number(r, 'ms_per_image', '.1f'), number(r, 'subsample_seconds', '.1f'),
+        number(r, 'score_seconds', '.1f')]
+    if approximate:
+      cells += [number(r, 'recall_at_1', '.3f'), number(r, 'index_seconds', '.1f')]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 

@@ -168,6 +168,8 @@ def test_feature_axes_backbone_ensemble_and_ivfpq(tmp_path):
   np.testing.assert_allclose(column(records.index(ensembles[0])),
                              (norm(column(members[0])) + norm(column(members[1]))) / 2, rtol=1e-5)
   assert len(os.listdir(os.path.join(workdir, 'overlays', 'parts'))) == 2
+  report = open(os.path.join(workdir, 'report.md')).read()
+  assert '| recall@1 | index s |' in report and 'ensemble:efficientnet_lite0+mobilenet_v2' in report
 
 
 def test_low_shot_banks_and_hierarchies(tmp_path):
@@ -189,6 +191,7 @@ def test_low_shot_banks_and_hierarchies(tmp_path):
   config.sweep.shots = (6,)
   with pytest.raises(errors.UserError, match='only 5 training images'):
     sweep.run(config, str(tmp_path / 'out2'))
+  assert not os.path.exists(tmp_path / 'out2')  # Refused before any work.
 
 
 def test_scoring_axes_share_one_bank(tmp_path):
