@@ -269,8 +269,9 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
   if jax.process_index() != 0:  # Process 0 writes every output.
     return result
   _write_scores(os.path.join(workdir, 'scores', f'{split.name}.csv'), split, labels, image_scores)
-  _write_overlays(os.path.join(workdir, 'maps', split.name), split, model, image_scores, maps,
-                  masks, config.output.num_overlays)
+  write_overlays(os.path.join(workdir, 'maps', split.name), split, model.calibration,
+                 model.settings.image_config, image_scores, maps, masks,
+                 config.output.num_overlays)
   if config.output.save_model:
     result['model_dir'] = saving.save(model, os.path.join(workdir, 'models', split.name))
   end = time.perf_counter()
@@ -304,8 +305,10 @@ def _write_scores(path, split, labels, scores):
   workdir_lib.write_text(path, out.getvalue())
 
 
-def _write_overlays(directory, split, model, image_scores, maps, masks, count):
-  color_range = model.calibration.color_range
+def write_overlays(directory, split, calibration, image_config, image_scores, maps, masks, count):
+  """Labelled overlays of up to `count` test images of `split` (`_overlay_indices`), coloured on
+  the calibration's fixed scale; images decoded again at `image_config`."""
+  color_range = calibration.color_range
   if count <= 0:
     return
   if color_range is None:  # Only without any threshold (no holdout and no labelled test data).
@@ -315,11 +318,9 @@ def _write_overlays(directory, split, model, image_scores, maps, masks, count):
   os.makedirs(directory, exist_ok=True)
   for i in _overlay_indices(split, count):
     sample = split.test[i]
-    image = data_lib.load_image(data_lib.open_file(sample, sample.path),
-                                **model.settings.image_config)
+    image = data_lib.load_image(data_lib.open_file(sample, sample.path), **image_config)
     stem = os.path.splitext(os.path.basename(sample.path))[0]
-    lines, ticks = visualize.caption(split.relative(sample.path), image_scores[i],
-                                     model.calibration)
+    lines, ticks = visualize.caption(split.relative(sample.path), image_scores[i], calibration)
     workdir_lib.save_png(
         os.path.join(directory, f'{sample.defect}_{stem}.png'),
         visualize.labelled_overlay(image, maps[i], masks[i], vmin=color_range[0],

@@ -56,36 +56,6 @@ def _sq_dist(x, c, precision):
   return jnp.maximum(jnp.sum(x * x, 1)[:, None] - 2.0 * dot + jnp.sum(c * c, 1)[None, :], 0.0)
 
 
-def assign(x, centroids, *, block_size=4096, precision='highest'):
-  """Nearest centroid of every row: x [n, d], centroids [k, d] -> [n] int32 (blocked over rows)."""
-  n = x.shape[0]
-  pad = (-n) % block_size if n > block_size else 0
-  size = block_size if n > block_size else n
-  blocks = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, size, x.shape[1])
-  out = jax.lax.map(lambda b: jnp.argmin(_sq_dist(b, centroids, precision), axis=1).astype(
-      jnp.int32), blocks)
-  return out.reshape(-1)[:n]
-
-
-def _kmeans_body(_, centroids, *, x, block_size, precision):
-  labels = assign(x, centroids, block_size=block_size, precision=precision)
-  k = centroids.shape[0]
-  sums = jax.ops.segment_sum(x, labels, num_segments=k)
-  counts = jax.ops.segment_sum(jnp.ones((x.shape[0],), x.dtype), labels, num_segments=k)
-  # An empty cluster keeps its centroid.
-  return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)
-
-
-@functools.partial(jax.jit, static_argnames=('k', 'iterations', 'block_size', 'precision'))
-def kmeans(x, *, k, key, iterations=20, block_size=4096, precision='highest'):
-  """Lloyd's k-means: x [n, d] float32 -> centroids [k, d], started from k distinct random rows
-  (seeded by `key`); `iterations` assignment + update steps; an empty cluster keeps its
-  centroid. Needs n >= k."""
-  start = x[jax.random.permutation(key, x.shape[0])[:k]]
-  body = functools.partial(_kmeans_body, x=x, block_size=block_size, precision=precision)
-  return jax.lax.fori_loop(0, iterations, body, start)
-
-
 def _assign_groups(x, centroids, *, block_size, precision):
   """Nearest codeword per group: x [m, n, d], centroids [m, k, d] -> [m, n] int32 (every group
   in one batched product per block of rows)."""
@@ -103,6 +73,8 @@ def _assign_groups(x, centroids, *, block_size, precision):
 
 
 def _group_kmeans_body(_, centroids, *, x, block_size, precision):
+  """One Lloyd step of every group: x [m, n, d], centroids [m, k, d] -> new centroids; an empty
+  cluster keeps its centroid."""
   m, k, d = centroids.shape
   labels = _assign_groups(x, centroids, block_size=block_size, precision=precision)
   flat = (labels + (jnp.arange(m, dtype=jnp.int32) * k)[:, None]).reshape(-1)
@@ -110,6 +82,23 @@ def _group_kmeans_body(_, centroids, *, x, block_size, precision):
   counts = jax.ops.segment_sum(jnp.ones(flat.shape, x.dtype), flat,
                                num_segments=m * k).reshape(m, k, 1)
   return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), centroids)
+
+
+def assign(x, centroids, *, block_size=4096, precision='highest'):
+  """Nearest centroid of every row: x [n, d], centroids [k, d] -> [n] int32 (blocked over rows;
+  the one-group case of `_assign_groups`)."""
+  return _assign_groups(x[None], centroids[None], block_size=block_size, precision=precision)[0]
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'iterations', 'block_size', 'precision'))
+def kmeans(x, *, k, key, iterations=20, block_size=4096, precision='highest'):
+  """Lloyd's k-means: x [n, d] float32 -> centroids [k, d], started from k distinct random rows
+  (seeded by `key`); `iterations` assignment + update steps; an empty cluster keeps its
+  centroid. Needs n >= k. (The one-group case of `group_kmeans`, with its own start.)"""
+  start = x[jax.random.permutation(key, x.shape[0])[:k]]
+  body = functools.partial(_group_kmeans_body, x=x[None], block_size=block_size,
+                           precision=precision)
+  return jax.lax.fori_loop(0, iterations, body, start[None])[0]
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'iterations', 'block_size', 'precision'))

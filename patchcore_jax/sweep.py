@@ -63,7 +63,6 @@ from patchcore_jax import knn
 from patchcore_jax import metrics
 from patchcore_jax import patchcore
 from patchcore_jax import scoring
-from patchcore_jax import visualize
 from patchcore_jax import workdir as workdir_lib
 
 SUBSAMPLERS = ('greedy', 'random', 'proxies')
@@ -367,21 +366,29 @@ def evaluate(bank_rows, feats, *, settings, search='exact', index=None, nprobe=1
     image_scores[i:i + count] = np.asarray(scores)[:count]
     maps[i:i + count] = np.asarray(batch_maps)[:count]
     nearest[i:i + count] = np.asarray(batch_nearest)[:count]
-  threshold, _ = metrics.f1_optimal_threshold(feats.labels, image_scores)
   used = np.zeros((bank_rows.shape[0],), bool)
   used[nearest[nearest >= 0]] = True
   record = {
-      'image_auroc': metrics.image_auroc(feats.labels, image_scores),
-      'pixel_auroc': metrics.pixel_auroc(feats.masks, maps) if feats.has_masks else None,
-      'au_pro': metrics.au_pro(feats.masks, maps) if feats.has_masks else None,
+      **scores_record(feats.labels, image_scores, feats.masks, maps, feats.has_masks),
       'memory_bank_size': int(bank_rows.shape[0]),
-      'misclassified': (int(np.sum((image_scores > threshold) != feats.labels))
-                        if threshold is not None else None),
       'memory_bank_usage': float(used.mean()),
       'score_ms_per_image': 1000.0 * compute / n,
       'score_seconds': time.perf_counter() - start,
   }
   return record, image_scores, maps, nearest
+
+
+def scores_record(labels, image_scores, masks, maps, has_masks):
+  """Image AUROC, pixel AUROC and AU-PRO (None without masks), and the number of test images on
+  the wrong side of the F1-optimal image threshold."""
+  threshold, _ = metrics.f1_optimal_threshold(labels, image_scores)
+  return {
+      'image_auroc': metrics.image_auroc(labels, image_scores),
+      'pixel_auroc': metrics.pixel_auroc(masks, maps) if has_masks else None,
+      'au_pro': metrics.au_pro(masks, maps) if has_masks else None,
+      'misclassified': (int(np.sum((image_scores > threshold) != labels))
+                        if threshold is not None else None),
+  }
 
 
 def combine(runs):
@@ -414,15 +421,10 @@ def ensemble_records(kept, labels, masks, has_masks, backbones_needed):
     if set(members) != set(backbones_needed):
       continue
     scores, maps = combine([members[b][:2] for b in backbones_needed])
-    threshold, _ = metrics.f1_optimal_threshold(labels, scores)
     out.append(dict(key) | {
         'backbone': 'ensemble:' + '+'.join(backbones_needed), 'stages': '',
         '_record': {
-            'image_auroc': metrics.image_auroc(labels, scores),
-            'pixel_auroc': metrics.pixel_auroc(masks, maps) if has_masks else None,
-            'au_pro': metrics.au_pro(masks, maps) if has_masks else None,
-            'misclassified': (int(np.sum((scores > threshold) != labels))
-                              if threshold is not None else None),
+            **scores_record(labels, scores, masks, maps, has_masks),
             # Every member's embedding and search, one after the other.
             'ms_per_image': float(sum(members[b][2] for b in backbones_needed))},
         '_scores': scores})
@@ -512,25 +514,62 @@ def _write_scores_csv(path, split, labels, columns):
 
 
 def _write_overlays(directory, split, settings, labels, scores, maps, masks, count):
-  """Labelled overlays (as an experiment run writes them) of one variant, coloured on the fixed
+  """Labelled overlays (`experiment.write_overlays`) of one variant, coloured on the fixed
   scale [0, 2 x its F1-optimal threshold]."""
   threshold, _ = metrics.f1_optimal_threshold(labels, scores)
-  if threshold is None or count <= 0:
+  if threshold is None:
     return
   calibration = patchcore.Calibration(image_threshold=threshold, image_threshold_source='test_f1')
-  vmin, vmax = calibration.color_range
-  for i in experiment._overlay_indices(split, count):  # pylint: disable=protected-access
-    sample = split.test[i]
-    image = data_lib.load_image(data_lib.open_file(sample, sample.path), **settings.image_config)
-    stem = os.path.splitext(os.path.basename(sample.path))[0]
-    lines, ticks = visualize.caption(split.relative(sample.path), scores[i], calibration)
-    workdir_lib.save_png(os.path.join(directory, f'{sample.defect}_{stem}.png'),
-                         visualize.labelled_overlay(image, maps[i], masks[i], vmin=vmin,
-                                                    vmax=vmax, lines=lines, ticks=ticks))
+  experiment.write_overlays(directory, split, calibration, settings.image_config, scores, maps,
+                            masks, count)
 
 
-def _category(config, name, split, settings, key, workdir, records, timings):
-  """Every variant of one category; appends to `records`, fills timings[name]."""
+def _searches(variant, bank_rows, features, settings, config, key):
+  """Yields (variant, record, image scores, maps, extra) for every search and scoring variant of
+  one bank (`score_variants`); the exact bank and the IVF-PQ index are prepared once, when first
+  needed, and the exact neighbours are kept for IVF-PQ's recall@1."""
+  ic = config.sweep.ivfpq
+  prepared = {}
+
+  def exact_bank():
+    if 'bank' not in prepared:
+      prepared['bank'] = knn.prepare_bank(bank_rows, block_size=settings.block_size,
+                                          screen=settings.screen)
+    return prepared['bank']
+
+  exact_nearest = None
+  for scv in score_variants(config):
+    if scv['search'] == 'ivfpq' and ic.percentages and variant['percentage'] not in ic.percentages:
+      continue
+    full = dict(variant, **scv)
+    ssettings = dataclasses.replace(settings, k=scv['k'], distance=scv['distance'],
+                                    reweight=scv['reweight'])
+    if ssettings.k > bank_rows.shape[0]:
+      raise errors.UserError(f'k = {ssettings.k} (config.sweep.ks / knn.k) is larger than a '
+                             f'memory bank of {bank_rows.shape[0]} rows ({full})')
+    extra = {}
+    if scv['search'] == 'exact':
+      record, scores, maps, nearest = evaluate(bank_rows, features, settings=ssettings,
+                                               bank=exact_bank())
+      exact_nearest = nearest if exact_nearest is None else exact_nearest
+    else:
+      if 'index' not in prepared:
+        begin = time.perf_counter()
+        prepared['index'] = build_index(bank_rows, config, jax.random.fold_in(key, 7))
+        extra['index_seconds'] = time.perf_counter() - begin
+      record, scores, maps, nearest = evaluate(bank_rows, features, settings=ssettings,
+                                               search='ivfpq', index=prepared['index'],
+                                               nprobe=scv['nprobe'])
+      if exact_nearest is None:  # The exact neighbours, for recall@1 only.
+        exact_nearest = evaluate(bank_rows, features, settings=dataclasses.replace(ssettings, k=1),
+                                 bank=exact_bank())[3]
+      extra['recall_at_1'] = ivfpq.recall_at_1(nearest, exact_nearest)
+    yield full, record, scores, maps, extra
+
+
+def _category(config, name, split, settings, key, workdir, records, timings, loaded):
+  """Every variant of one category; appends to `records`, fills timings[name]; `loaded` holds the
+  backbones loaded so far, by (name, hierarchy)."""
   sc = config.sweep
   t = timings[name] = {'features': [], 'variants': []}
   start = time.perf_counter()
@@ -538,7 +577,9 @@ def _category(config, name, split, settings, key, workdir, records, timings):
   labels = masks = has_masks = None
   for fv in feature_variants(config):
     fsettings = feature_settings(settings, config, fv)
-    backbone = load_backbone(config, fv)
+    if (fv['backbone'], fv['hierarchy']) not in loaded:  # Once per process, as the compilation.
+      loaded[fv['backbone'], fv['hierarchy']] = load_backbone(config, fv)
+    backbone = loaded[fv['backbone'], fv['hierarchy']]
     features = extract(backbone, split, fsettings, num_workers=config.data.num_workers)
     labels, masks, has_masks = features.labels, features.masks, features.has_masks
     _, h, w, _ = features.test.shape
@@ -551,40 +592,8 @@ def _category(config, name, split, settings, key, workdir, records, timings):
     base = dict(fv, stages='+'.join(backbone.stages))
     for shot, bank_all in shot_banks(features, h * w, config):
       for sub, bank_rows, seconds in variants_of(bank_all, config, key):
-        bank, index, exact_nearest = None, None, None
-        for scv in score_variants(config):
-          if (scv['search'] == 'ivfpq' and sc.ivfpq.percentages
-              and sub['percentage'] not in sc.ivfpq.percentages):
-            continue
-          variant = dict(base, **shot, **sub, **scv)
-          ssettings = dataclasses.replace(fsettings, k=scv['k'], distance=scv['distance'],
-                                          reweight=scv['reweight'])
-          if ssettings.k > bank_rows.shape[0]:
-            raise errors.UserError(f'k = {ssettings.k} (config.sweep.ks / knn.k) is larger than '
-                                   f'a memory bank of {bank_rows.shape[0]} rows ({variant})')
-          extra = {}
-          if scv['search'] == 'exact':
-            if bank is None:
-              bank = knn.prepare_bank(bank_rows, block_size=ssettings.block_size,
-                                      screen=ssettings.screen)
-            record, scores, maps, nearest = evaluate(bank_rows, features, settings=ssettings,
-                                                     bank=bank)
-            exact_nearest = nearest if exact_nearest is None else exact_nearest
-          else:
-            if index is None:
-              begin = time.perf_counter()
-              index = build_index(bank_rows, config, jax.random.fold_in(key, 7))
-              extra['index_seconds'] = time.perf_counter() - begin
-            record, scores, maps, nearest = evaluate(bank_rows, features, settings=ssettings,
-                                                     search='ivfpq', index=index,
-                                                     nprobe=scv['nprobe'])
-            if exact_nearest is None:  # The exact neighbours, for recall@1 only.
-              if bank is None:
-                bank = knn.prepare_bank(bank_rows, block_size=ssettings.block_size,
-                                        screen=ssettings.screen)
-              _, _, _, exact_nearest = evaluate(bank_rows, features, settings=dataclasses.replace(
-                  ssettings, k=1), bank=bank)
-            extra['recall_at_1'] = ivfpq.recall_at_1(nearest, exact_nearest)
+        for variant, record, scores, maps, extra in _searches(
+            dict(base, **shot, **sub), bank_rows, features, fsettings, config, key):
           record.update(variant=variant, category=name, subsample_seconds=seconds,
                         embed_ms_per_image=embed_ms,
                         ms_per_image=embed_ms + record['score_ms_per_image'], **extra)
@@ -604,7 +613,7 @@ def _category(config, name, split, settings, key, workdir, records, timings):
                        record['ms_per_image'], seconds, record['score_seconds'])
           workdir_lib.write_json(os.path.join(workdir, 'sweep.json'), records)
           seconds = 0.0  # The subsampling is counted once, with its first scoring.
-    del features, bank_all, bank_rows, bank, index  # Before the next variant's extraction.
+    del features, bank_all, bank_rows  # Before the next variant's extraction.
   if sc.ensemble:
     needed = tuple(dict.fromkeys(sc.backbones))
     for e in ensemble_records(kept, labels, masks, has_masks, needed):
@@ -641,11 +650,11 @@ def run(config, workdir):
   try:
     workdir_lib.write_text(os.path.join(workdir, 'config.json'),
                            config.to_json_best_effort(indent=2))
-    records, timings = [], {}
+    records, timings, loaded = [], {}, {}
     start = time.perf_counter()
     for i, (name, split) in enumerate(splits.items()):
       key = jax.random.fold_in(jax.random.key(config.seed), i)
-      _category(config, name, split, settings, key, workdir, records, timings)
+      _category(config, name, split, settings, key, workdir, records, timings, loaded)
       workdir_lib.mark_done(workdir, status, name)
     timings['wall_seconds'] = time.perf_counter() - start
     workdir_lib.write_json(os.path.join(workdir, 'timings.json'), timings)
