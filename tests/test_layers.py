@@ -52,6 +52,17 @@ def test_winograd_conv3x3_matches_lax_conv(shape, tile):
   np.testing.assert_allclose(got, want, rtol=0, atol=(2e-6 if tile == 2 else 1e-5) * scale)
 
 
+@pytest.mark.parametrize('tile', [2, 4])
+def test_winograd_kernel_is_g_kernel_gt(tile):
+  """The elementwise kernel transform against G g G^T in float64 (Lavin & Gray's matrices)."""
+  kernel = np.asarray(jax.random.normal(jax.random.key(tile), (3, 3, 5, 6)))
+  g = layers._WINOGRAD[tile][1]
+  want = np.einsum('ai,ijco,bj->abco', g, kernel.astype(np.float64), g).reshape(-1, 5, 6)
+  got = layers.winograd_kernel(jnp.asarray(kernel), tile=tile)
+  assert got.shape == ((tile + 2) ** 2, 5, 6)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
 def _jaxpr_text(module, x):
   """The jaxpr's text (nested jaxprs included), to look for primitive names in."""
   params = module.init(jax.random.key(0), x)
