@@ -276,8 +276,9 @@ def run_category(config, backbone, split, workdir, key, no_mask=(), settings=Non
     result['model_dir'] = saving.save(model, os.path.join(workdir, 'models', split.name))
   end = time.perf_counter()
   compile_seconds = result['compile_seconds']
-  # Where the category's wall clock went. Decoding runs in worker threads beside the compute;
-  # *_decode_wait is the time the main thread waited for it.
+  # Where the category's wall clock went. Decoding runs in worker threads (on the CPU backend
+  # between compute batches, see data.common.default_prefetch); *_decode_wait is the time the
+  # main thread waited for it.
   result['timings'] = {
       'wall': end - category_start,
       'compile': compile_seconds,

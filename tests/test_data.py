@@ -1,6 +1,7 @@
 """Data layouts, split protocols and the reference preprocessing."""
 import os
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -94,6 +95,37 @@ def test_iterate_batches_pads_the_last_batch(tmp_path):
   assert not images[1:].any()  # Padding.
   assert out[0][1][2].all()  # scratch/000 has a full mask; good and dent have none.
   assert not out[0][1][:2].any()
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_map_in_batches_decodes_ahead_only_when_asked(prefetch):
+  """prefetch=0 (the CPU default): nothing of batch i + 1 is loaded while the consumer holds
+  batch i; prefetch=2: the next batches load meanwhile. Order and values are the same."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from patchcore_jax.data import common  # pylint: disable=g-import-not-at-top
+  lock, calls = threading.Lock(), []
+
+  def fn(item):
+    with lock:
+      calls.append(item)
+    return item * 10
+
+  out = []
+  for i, loaded in enumerate(common.map_in_batches(fn, list(range(7)), batch_size=2,
+                                                   num_workers=2, prefetch=prefetch)):
+    out.extend(value for _, value, _ in loaded)
+    later = set(range(2 * i + 2, min(2 * i + 2 + 2 * prefetch, 7)))
+    deadline = time.time() + (5.0 if later else 0.2)
+    while time.time() < deadline:
+      with lock:
+        if later and later <= set(calls):
+          break
+      time.sleep(0.01)
+    with lock:
+      assert set(calls) == set(range(min(2 * i + 2, 7))) | later, (i, calls)
+  assert out == [10 * i for i in range(7)]
+  assert common.default_prefetch() == (0 if jax.default_backend() == 'cpu' else 2)
 
 
 def test_mvtec_bottle_layout():
