@@ -35,6 +35,30 @@ def test_conv_matches_flax_conv(kernel, stride, padding, groups, bias):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('kernel,stride,padding', [
+    (3, 2, 'SAME'),            # EfficientNet-Lite's stem (asymmetric on even inputs)
+    (3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
+    (2, 2, 'VALID'),
+    (3, 2, ((2, 0), (0, 1))),  # uneven explicit padding
+])
+@pytest.mark.parametrize('size', [(10, 8), (9, 7)])
+def test_few_input_channels_take_the_shifted_path(kernel, stride, padding, size):
+  """Strided convolutions of RGB inputs (kh * kw * 3 <= SHIFTED_MAX_TAPS): shifted
+  multiply-adds, no lax convolution, the same outputs and parameter tree as nn.Conv; stride 1
+  (VGG's first convolution) keeps the lax convolution."""
+  x = jax.random.normal(jax.random.key(2), (2, *size, 3))
+  kw = dict(strides=(stride, stride), padding=padding, use_bias=True)
+  ours, ref = layers.Conv(5, (kernel, kernel), **kw), nn.Conv(5, (kernel, kernel), precision='highest', **kw)
+  params = jax.tree_util.tree_map(lambda p: p + 0.5 if p.ndim == 1 else p,
+                                  ref.init(jax.random.key(3), x))
+  got, want = ours.apply(params, x), ref.apply(params, x)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert 'conv_general_dilated' not in _jaxpr_text(ours, x)
+  assert 'conv_general_dilated' in _jaxpr_text(
+      layers.Conv(5, (kernel, kernel), padding=padding, winograd=False), x)
+
+
 @pytest.mark.parametrize('tile', [2, 4])
 @pytest.mark.parametrize('shape', [(2, 8, 8, 5), (1, 9, 7, 3), (3, 14, 14, 16), (1, 1, 1, 2), (1, 2, 5, 4)])
 def test_winograd_conv3x3_matches_lax_conv(shape, tile):
