@@ -133,24 +133,33 @@ def shifted_conv(x, kernel, strides, padding):
   Returns:
     [B, H', W', O].
   """
-  kh, kw, cin, _ = kernel.shape
-  sh, sw = strides
+  cin = kernel.shape[2]
+  out = None
+  for i, j, window in _shifted_windows(x, kernel.shape[:2], strides, padding, materialise=True):
+    for c in range(cin):
+      tap = window[..., c:c + 1] * kernel[i, j, c]
+      out = tap if out is None else out + tap
+  return out
+
+
+def _shifted_windows(x, kernel_size, strides, padding, *, materialise=False):
+  """Yields (i, j, x's padded window under kernel tap (i, j)) [B, H', W', C] for the taps of a
+  kh x kw convolution with `strides` and `padding` (((top, bottom), (left, right)) or 'SAME' /
+  'VALID', lax's meaning): what `shifted_conv` and `DepthwiseConv` sum. With `materialise`, the
+  padded input is computed once (`shifted_conv`: fused into its kh * kw * I taps, the input's
+  producer, e.g. the normalisation, would be recomputed for every one)."""
+  (kh, kw), (sh, sw) = kernel_size, strides
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), padding)
   (top, bottom), (left, right) = padding
   out_h = (x.shape[1] + top + bottom - kh) // sh + 1
   out_w = (x.shape[2] + left + right - kw) // sw + 1
-  # Materialised once: fused into the taps, the input's producer (e.g. the normalisation) would
-  # be recomputed for every tap and output channel.
-  x = lax.optimization_barrier(jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))))
-  out = None
+  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  if materialise:
+    x = lax.optimization_barrier(x)
   for i in range(kh):
     for j in range(kw):
-      window = x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
-      for c in range(cin):
-        tap = window[..., c:c + 1] * kernel[i, j, c]
-        out = tap if out is None else out + tap
-  return out
+      yield i, j, x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
 
 
 class Conv(nn.Module):
@@ -255,13 +264,6 @@ class BatchNorm(nn.Module):
     return (x - use_mean) * (scale * lax.rsqrt(use_var + self.epsilon)) + bias
 
 
-def same_pads(size, kernel, stride):
-  """TensorFlow 'SAME' padding (before, after) of one spatial axis."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
-
 class DepthwiseConv(nn.Module):
   """Depthwise convolution as k*k shifted multiply-adds.
 
@@ -278,18 +280,11 @@ class DepthwiseConv(nn.Module):
     k, s = self.kernel_size, self.stride
     c = x.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
-    if self.padding == 'SAME':
-      (top, bottom), (left, right) = same_pads(x.shape[1], k, s), same_pads(x.shape[2], k, s)
-    else:
-      top = bottom = left = right = int(self.padding)
-    out_h = (x.shape[1] + top + bottom - k) // s + 1
-    out_w = (x.shape[2] + left + right - k) // s + 1
-    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    pads = 'SAME' if self.padding == 'SAME' else ((int(self.padding),) * 2,) * 2
     out = None
-    for i in range(k):
-      for j in range(k):
-        tap = x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :] * kernel[i, j, 0]
-        out = tap if out is None else out + tap
+    for i, j, window in _shifted_windows(x, (k, k), (s, s), pads):
+      tap = window * kernel[i, j, 0]
+      out = tap if out is None else out + tap
     return out
 
 
