@@ -1,4 +1,4 @@
-r"""Runs a job as a config says: PatchCore experiments, predictions with a saved model, benchmarks.
+r"""Runs a job (patchcore_jax.jobs) as a config says: experiments, predictions, sweeps, benchmarks.
 
   python launch.py --config=configs/demo.py --workdir=workdirs/demo
   python launch.py --config=configs/mvtec.py:category=bottle,backbone=vgg16 \
@@ -19,15 +19,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from patchcore_jax import benchmark
 from patchcore_jax import errors
-from patchcore_jax import experiment
-from patchcore_jax import multihost
-from patchcore_jax import predict_job
-from patchcore_jax import sweep
-
-_JOBS = {'patchcore': experiment.run, 'benchmark': benchmark.run, 'predict': predict_job.run,
-         'sweep': sweep.run}
+from patchcore_jax import jobs
+from patchcore_jax.jobs import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
@@ -66,20 +60,20 @@ def main(argv):
     job = config.get('job', 'patchcore')  # A config file that failed to load raises here.
   except Exception as error:  # pylint: disable=broad-except
     _user_error(f'cannot load the config ({type(error).__name__}): {_describe(error)}')
+  if job not in jobs.JOBS:
+    _user_error(f'config.job={job!r} is not allowed: must be one of {tuple(jobs.JOBS)}')
   try:
-    if 'distributed' in config:  # Joins the other processes before any device is used.
-      multihost.initialize(config.distributed)
+    config_lib.join_processes(config)  # Before any device is used.
   except errors.UserError as error:
     _user_error(error)
   logging.info('JAX %s, devices: %s', jax.__version__, jax.devices())
   logging.info('config:\n%s', config)
   try:
-    result = _JOBS[job](config, _WORKDIR.value)
+    result = jobs.run(config, _WORKDIR.value)
   except errors.UserError as error:
     logging.error('%s', error)
     _user_error(error)
-  if job == 'predict':
-    sys.exit(predict_job.exit_status(result))
+  sys.exit(jobs.exit_status(config, result))
 
 
 if __name__ == '__main__':

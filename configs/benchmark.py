@@ -3,7 +3,7 @@ r"""Benchmark mode: every stage timed under jit and eagerly, against the machine
   python launch.py --config=configs/benchmark.py:backbone=wide_resnet50_2 --workdir=workdirs/bench
 
 Random weights and generated inputs (nothing to download). Writes DIR/benchmark.json and
-DIR/benchmark.md; see patchcore_jax/benchmark.py for what each row measures. Arguments: backbone
+DIR/benchmark.md; see patchcore_jax/jobs/benchmark.py for what each row measures. Arguments: backbone
 (any name in patchcore_jax.backbones.NAMES) and size=full|tiny (tiny: a seconds-long smoke run).
 Optional rows: `pip install faiss-cpu==1.15.1`; torch (the official coreset loop) and torch
 2.14.1 + torchvision 0.29.1 (ResNet forward). With a saved model and images, the kNN rows also

@@ -106,7 +106,7 @@ def get_base_config(backbone='efficientnet_lite2'):
 
 
 def sweep_config():
-  """The `config.sweep` fields of a sweep (patchcore_jax/sweep.py)."""
+  """The `config.sweep` fields of a sweep (patchcore_jax/jobs/sweep.py)."""
   sweep = ml_collections.ConfigDict()
   sweep.subsamplers = ('greedy',)  # Some of greedy | random | proxies.
   sweep.percentages = (0.1,)  # Fractions of the bank kept; 1.0: the whole bank.
@@ -140,5 +140,6 @@ def sweep_config():
   # the test set, then averaged: the official code's combination).
   sweep.ensemble = False
   sweep.overlays = 0  # Labelled overlays of the first variant per category (overlays/<category>).
-  sweep.paper = ''  # The paper's statements to print beside ours (sweep.PAPER's keys).
+  sweep.paper = ''  # The paper's experiment this reruns (a key of configs/paper/statements.json).
+  sweep.paper_statements = ()  # Its statements, printed in report.md (configs.paper.set_paper).
   return sweep

@@ -4,7 +4,7 @@ r"""Scores new images with a saved model: scores, OK/defect decisions, overlays 
       --config.images=/path/to/new_images --workdir=workdirs/predictions
 
 `images`: a folder (recursive), a glob ('/data/*/test/*.png', quoted), a text file with one path
-per line, or one image. Outputs (see patchcore_jax/predict_job.py): predictions.csv with
+per line, or one image. Outputs (see patchcore_jax/jobs/predict.py): predictions.csv with
 path,score,normalized_score,anomalous,error; overlays/, masks/ (original resolution), summary.json.
 Exit status 0 when every image was scored, 1 when some could not be read.
 

@@ -296,6 +296,12 @@ def initial_distances(projected_t, key, *, num_starts=10, precision='highest', n
   return jnp.square(jnp.mean(dists, axis=0))[:n]
 
 
+def coreset_size(rows, percentage):
+  """Rows a coreset of `percentage` keeps of `rows`: int(rows * percentage), all for 1.0 (the
+  one rule for the memory bank's size)."""
+  return rows if percentage == 1.0 else int(rows * percentage)
+
+
 def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128, num_starts=10,
                                precision='highest', chunk_size=None, progress=None, loop=None,
                                pad_to=BLOCK_SIZE):
@@ -321,7 +327,7 @@ def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128,
   n = features.shape[0]
   if percentage == 1.0:
     return jnp.arange(n, dtype=jnp.int32)
-  num_samples = int(n * percentage)
+  num_samples = coreset_size(n, percentage)
   if num_samples < 1:
     raise ValueError(f'percentage {percentage} of {n} features keeps no point')
   proj_key, start_key = jax.random.split(key)

@@ -21,8 +21,8 @@ from jax import export as jax_export
 import numpy as np
 
 from patchcore_jax import exported_runtime
-from patchcore_jax import patchcore
-from patchcore_jax import saving
+from patchcore_jax import files
+from patchcore_jax import stages
 
 
 def _storable(leaf):
@@ -36,7 +36,7 @@ def export(model, directory, *, batch_size=None, platforms=None):
   """Writes `model`'s predict function as a `jax.export` artifact (see the module docstring).
 
   Args:
-    model: a `patchcore.PatchCore`.
+    model: a `model.PatchCore`.
     directory: output directory (replaced if it exists).
     batch_size: images per call (default: the model's batch size).
     platforms: e.g. ('cpu', 'cuda'); default: the current backend.
@@ -48,8 +48,7 @@ def export(model, directory, *, batch_size=None, platforms=None):
   leaves, treedef = jax.tree_util.tree_flatten((model.backbone.variables, model.bank))
   stored = [_storable(x) for x in leaves]
   is_bf16 = tuple(flag for _, flag in stored)
-  predict = patchcore.predict_fn(model.backbone, **settings.feature_config,
-                                 **settings.score_config)
+  predict = stages.predict_fn(model.backbone, settings)
 
   def fn(params, images):
     params = [jax.lax.bitcast_convert_type(p, jnp.bfloat16) if flag else p
@@ -61,7 +60,7 @@ def export(model, directory, *, batch_size=None, platforms=None):
   specs = ([jax.ShapeDtypeStruct(a.shape, a.dtype) for a, _ in stored],
            jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8))
   exported = jax_export.export(jax.jit(fn), platforms=platforms)(*specs)
-  with saving.atomic_directory(os.path.abspath(directory)) as tmp:
+  with files.atomic_directory(os.path.abspath(directory)) as tmp:
     with open(os.path.join(tmp, 'predict.jaxexport'), 'wb') as f:
       f.write(exported.serialize())
     np.savez(os.path.join(tmp, 'params.npz'), **{f'p{i:05d}': a for i, (a, _) in enumerate(stored)})

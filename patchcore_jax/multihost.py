@@ -39,27 +39,28 @@ from patchcore_jax import errors
 from patchcore_jax import sharded
 
 
-def initialize(distributed_config):
-  """Joins the processes `config.distributed` describes (no-op when its coordinator_address is
-  empty or this process already joined). Must run before anything uses a JAX device.
+def initialize(coordinator_address, *, num_processes=1, process_id=0, timeout_seconds=300):
+  """Joins process `process_id` of `num_processes` to the job coordinated at
+  `coordinator_address` (host:port of process 0; no-op when it is empty or this process already
+  joined). Must run before anything uses a JAX device.
   Returns:
     Whether the process is part of a multi-process job.
   """
-  address = distributed_config.coordinator_address
+  address = coordinator_address
   if not address:
     return False
   if jax.distributed.is_initialized():
     return True
-  count, index = distributed_config.num_processes, distributed_config.process_id
+  count, index = num_processes, process_id
   if count < 1 or not 0 <= index < count:
     raise errors.UserError(
         f'config.distributed.process_id={index} with num_processes={count} is not allowed: '
         'need num_processes >= 1 and 0 <= process_id < num_processes')
-  _check_coordinator(address, index, distributed_config.timeout_seconds)
+  _check_coordinator(address, index, timeout_seconds)
   try:
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
                                process_id=index,
-                               initialization_timeout=distributed_config.timeout_seconds)
+                               initialization_timeout=timeout_seconds)
   except RuntimeError as error:  # Unreachable coordinator, port in use, JAX already started.
     raise errors.UserError(f'config.distributed: cannot join {address} as process {index} of '
                            f'{count}: {error}') from error
@@ -142,7 +143,7 @@ def coreset_indices(local_features, *, total_rows, percentage, key, projection_d
   """
   if percentage == 1.0:
     return np.arange(total_rows, dtype=np.int32)
-  num_samples = int(total_rows * percentage)
+  num_samples = coreset.coreset_size(total_rows, percentage)
   proj_key, start_key = jax.random.split(key)
   matrix = coreset.random_projection(proj_key, local_features.shape[1], projection_dim)
   local = np.asarray(coreset.project(local_features, matrix))[:, :local_features.shape[0]]

@@ -15,19 +15,18 @@ recorded sha256. `load` refuses, naming the file, a missing file, a checksum mis
 Directories are written under a temporary name and renamed into place, so a reader never sees a
 half-written model.
 """
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import numpy as np
 
 from patchcore_jax import backbones as backbones_lib
 from patchcore_jax import errors
+from patchcore_jax import files
 from patchcore_jax import knn
-from patchcore_jax import patchcore
+from patchcore_jax import memory_bank
+from patchcore_jax import model as model_lib
 from patchcore_jax.backbones import weights as weights_lib
 from patchcore_jax.version import __version__
 
@@ -38,42 +37,12 @@ _BACKBONE = 'backbone.npz'
 _MODEL = 'model.json'
 
 
-@contextlib.contextmanager
-def atomic_directory(directory):
-  """Yields a new temporary folder beside `directory`; when the block succeeds the folder takes
-  `directory`'s place by renames (an existing one is moved aside, then removed), so a reader sees
-  the old contents or the new, never a mix. On failure the temporary folder is removed."""
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.tmp-', dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder.
-  try:
-    yield tmp
-    if os.path.exists(directory):
-      old = tmp.replace('.tmp-', '.old-')
-      os.rename(directory, old)
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, directory)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
-
-
-def bank_rows(bank):
-  """The memory bank's rows [M, D] as float32 numpy, without the block padding."""
-  rows = np.asarray(bank.blocks).reshape(-1, bank.blocks.shape[-1])
-  return rows[:bank.size]
-
-
 def _unfolded_variables(backbone):
   """The weights as loaded: a folded or probed backbone cannot be saved this way."""
   if backbone.folded or backbone.bn_probe_passes:
     raise ValueError('include_backbone needs the weights as loaded; this backbone was folded or '
-                     'probed (pass the unfolded backbone as `backbone=`)')
+                     'probed (pass the backbone as loaded, load_backbone(..., fold=False), as '
+                     '`backbone=`)')
   return weights_lib.flatten(jax.tree_util.tree_map(np.asarray, backbone.variables))
 
 
@@ -81,7 +50,7 @@ def save(model, directory, *, include_backbone=False, backbone=None, overwrite=T
   """Writes `model` to `directory` (see the module docstring).
 
   Args:
-    model: a `patchcore.PatchCore`.
+    model: a `model.PatchCore`.
     directory: the model directory to write.
     include_backbone: also store the backbone's weights (as loaded) in backbone.npz, so that
       `load` needs no weights file. They must hash to the model's recorded sha256.
@@ -94,8 +63,8 @@ def save(model, directory, *, include_backbone=False, backbone=None, overwrite=T
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not overwrite:
     raise errors.UserError(f'{directory} exists (pass overwrite=True to replace it)')
-  with atomic_directory(directory) as tmp:
-    np.savez(os.path.join(tmp, _BANK), features=bank_rows(model.bank))
+  with files.atomic_directory(directory) as tmp:
+    np.savez(os.path.join(tmp, _BANK), features=memory_bank.bank_rows(model.bank))
     arrays = {_BANK: weights_lib.file_sha256(os.path.join(tmp, _BANK))}
     if include_backbone:
       flat = _unfolded_variables(backbone or model.backbone)
@@ -180,7 +149,7 @@ def _load_backbone(directory, record, *, checkpoint, cache_dir):
     seed = spec.get('random_seed')
     try:
       backbone = backbones_lib.load_backbone(name, stages=stages, checkpoint=checkpoint,
-                                             cache_dir=cache_dir, random_seed=seed)
+                                             cache_dir=cache_dir, random_seed=seed, fold=False)
     except FileNotFoundError as error:
       raise errors.UserError(
           f'{os.path.join(directory, _MODEL)} needs the {name} weights with sha256 {expected}: '
@@ -191,12 +160,9 @@ def _load_backbone(directory, record, *, checkpoint, cache_dir):
         f'{os.path.join(directory, _MODEL)} was fitted with {name} weights of sha256 {expected}, '
         f'but {source} has sha256 {backbone.weights_sha256}: scores would not be comparable. '
         'Pass the original weights file (checkpoint=...), or refit.')
-  size = record['settings']['image_size']
-  backbone = backbones_lib.official_bn_probe(backbone, image_size=size,
-                                             passes=spec.get('bn_probe_passes', 0))
-  if spec.get('fold_batchnorm'):
-    backbone = backbones_lib.fold_batchnorm(backbone)
-  return backbone
+  return backbones_lib.prepare(backbone, image_size=record['settings']['image_size'],
+                               probe_passes=spec.get('bn_probe_passes', 0),
+                               fold=bool(spec.get('fold_batchnorm')))
 
 
 def load(directory, *, checkpoint='', cache_dir=''):
@@ -208,7 +174,7 @@ def load(directory, *, checkpoint='', cache_dir=''):
       weights from installed packages or with backbone.npz).
     cache_dir: where converted backbone weights are cached.
   Returns:
-    A `patchcore.PatchCore`, ready for `predict`.
+    A `model.PatchCore`, ready for `predict`.
   Raises:
     errors.UserError naming the file, for everything a user can fix.
   """
@@ -221,13 +187,13 @@ def load(directory, *, checkpoint='', cache_dir=''):
   if features is None or features.ndim != 2 or features.dtype != np.float32:
     raise errors.UserError(f'{os.path.join(directory, _BANK)} holds no float32 [M, D] features')
   try:
-    settings = patchcore.Settings(**record['settings'])
-    calibration = patchcore.Calibration.from_dict(record.get('calibration', {}))
+    settings = model_lib.Settings(**record['settings'])
+    calibration = model_lib.Calibration.from_dict(record.get('calibration', {}))
   except (TypeError, KeyError) as error:
     raise errors.UserError(f'{os.path.join(directory, _MODEL)}: bad settings ({error})') from error
   backbone = _load_backbone(directory, record, checkpoint=checkpoint, cache_dir=cache_dir)
   bank = knn.prepare_bank(features, block_size=settings.block_size, screen=settings.screen)
-  return patchcore.PatchCore(backbone=backbone, bank=bank, settings=settings,
+  return model_lib.PatchCore(backbone=backbone, bank=bank, settings=settings,
                              calibration=calibration,
                              info=tuple(sorted(record.get('info', {}).items())),
                              version=record.get('library_version', ''))

@@ -1,11 +1,12 @@
-"""A small timing harness: compile time apart from steady state, every call waited for.
+"""Timing and memory: compile time apart from steady state, every call waited for.
 
   compiled, seconds = compile_fn(fn, args)       # jax.jit(fn).lower(*args).compile(), timed
   times = call_times(compiled, args, repeats=7)  # warm-up, then blocked wall times
   record('knn', 'jit', 'size', times, compile_seconds=seconds)
 
 `time_jit` and `time_eager` combine them; `markdown` renders a list of `Record`s. Used by the
-benchmark mode (`patchcore_jax.benchmark`); usable on any function in a notebook.
+benchmark job; usable on any function in a notebook. Long loops report through `timed_iter`
+(seconds spent waiting for the next item), `progress_bar` and `peak_rss_bytes`.
 """
 import dataclasses
 import os
@@ -139,3 +140,26 @@ def markdown(records, *, header=()):
   if notes:
     lines += ['', 'Notes:'] + notes
   return '\n'.join(lines) + '\n'
+
+
+def timed_iter(iterable, timings, name):
+  """Yields from `iterable`, adding the seconds spent waiting for each item to timings[name]
+  (when `timings` is a dict; e.g. the wait for images decoded in worker threads)."""
+  iterator = iter(iterable)
+  while True:
+    start = time.perf_counter()
+    try:
+      item = next(iterator)
+    except StopIteration:
+      return
+    if timings is not None:
+      timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    yield item
+
+
+def progress_bar(total, desc, enabled):
+  """A tqdm.auto bar (a widget in notebooks, text in terminals), or None when not `enabled`."""
+  if not enabled:
+    return None
+  from tqdm import auto as tqdm_auto  # pylint: disable=g-import-not-at-top
+  return tqdm_auto.tqdm(total=total, desc=desc, unit='img', leave=False)

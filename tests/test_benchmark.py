@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from patchcore_jax import backbones
-from patchcore_jax import benchmark
+from patchcore_jax.jobs import benchmark
 from patchcore_jax import coreset
 from patchcore_jax import errors
 from patchcore_jax import features
 from patchcore_jax import knn
-from patchcore_jax import patchcore
+from patchcore_jax import model
+from patchcore_jax import stages
 from patchcore_jax import timing
 from patchcore_jax.data import transforms
 
@@ -145,7 +146,8 @@ def test_every_stage_compiles_once_per_shape():
   for _ in range(3):
     knn.batch_nearest_neighbours(jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32), screened)
   assert knn.batch_nearest_neighbours._cache_size() - before == 1
-  predict = patchcore.predict_fn(backbone, image_size=32, pretrain_dim=64, target_dim=32)
+  predict = stages.predict_fn(backbone, model.Settings(image_size=32, pretrain_dim=64,
+                                                      target_dim=32))
   for _ in range(3):
     predict(backbone.variables, bank, jnp.asarray(rng.random((2, 32, 32, 3), dtype=np.float32)))
   assert predict._cache_size() == 1

@@ -89,12 +89,14 @@ def test_iterate_batches_pads_the_last_batch(tmp_path):
   split = data.folder_split(root)
   config = dict(resize=32, image_size=16, transform='resize_crop')
   out = list(data.iterate_batches(split.test, batch_size=3, image_config=config, with_masks=True))
-  assert [c for _, _, c in out] == [3, 1]
-  images, masks, _ = out[1]
-  assert images.shape == (3, 16, 16, 3) and masks.shape == (3, 16, 16)
-  assert not images[1:].any()  # Padding.
-  assert out[0][1][2].all()  # scratch/000 has a full mask; good and dent have none.
-  assert not out[0][1][:2].any()
+  assert [b.count for b in out] == [3, 1]
+  assert out[1].images.shape == (3, 16, 16, 3) and out[1].masks.shape == (3, 16, 16)
+  assert not out[1].images[1:].any()  # Padding.
+  assert out[0].masks[2].all()  # scratch/000 has a full mask; good and dent have none.
+  assert not out[0].masks[:2].any()
+  unmasked = list(data.iterate_batches(split.test, batch_size=3, image_config=config))
+  assert unmasked[0].masks is None
+  np.testing.assert_array_equal(unmasked[1].images, out[1].images)
 
 
 @pytest.mark.parametrize('prefetch', [0, 2])

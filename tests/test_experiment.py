@@ -65,7 +65,8 @@ def test_configs_build_and_lock():
 def test_run_on_a_folder_without_masks(tmp_path):
   """Colab-style: experiment.run on a user's folder; no masks -> pixel metrics are null."""
   from configs import folder  # pylint: disable=g-import-not-at-top
-  from patchcore_jax import data, experiment  # pylint: disable=g-import-not-at-top
+  from patchcore_jax import data  # pylint: disable=g-import-not-at-top
+  from patchcore_jax.jobs import experiment  # pylint: disable=g-import-not-at-top
   source = data.make_synthetic_dataset(str(tmp_path / 'gen'), 'tiles')
   mine = tmp_path / 'my_tiles'
   for sub in ('train/good', 'test/good', 'test/crack'):

@@ -22,7 +22,8 @@ from configs import mvtec
 from patchcore_jax import backbones
 from patchcore_jax import data
 from patchcore_jax import errors
-from patchcore_jax import experiment
+from patchcore_jax.jobs import config as config_lib
+from patchcore_jax.jobs import experiment
 from patchcore_jax.data import transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -283,7 +284,8 @@ def test_stages_follow_an_overridden_backbone():
   config = mvtec.get_config('backbone=efficientnet_lite2')
   assert tuple(config.backbone.stages) == ()  # Not Lite2's names: they follow the backbone.
   config.backbone.name = 'efficientnet_lite0'
-  backbone = experiment.load_backbone(config)
+  backbone = config_lib.load_backbone(config_lib.backbone_spec(config),
+                                     image_size=config.data.image_size)
   assert backbone.stages == backbones.DEFAULT_STAGES['efficientnet_lite0'] == ('blocks.4',
                                                                                'blocks.10')
   assert [backbone.strides[s] for s in backbone.stages] == [8, 16]

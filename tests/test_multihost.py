@@ -73,19 +73,18 @@ def test_two_processes_fit_and_score_as_one(tmp_path):
 
 def test_bad_coordinators_are_user_errors_not_aborts():
   """JAX's runtime aborts the process on an unreachable coordinator: refused before that."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from patchcore_jax import errors  # pylint: disable=g-import-not-at-top
   port = _free_port()
-  config = lambda address, pid: ml_collections.ConfigDict(dict(
-      coordinator_address=address, num_processes=2, process_id=pid, timeout_seconds=1))
+  join = lambda address, pid: multihost.initialize(address, num_processes=2, process_id=pid,
+                                                   timeout_seconds=1)
   with pytest.raises(errors.UserError, match='must be host:port'):
-    multihost.initialize(config('localhost', 1))
+    join('localhost', 1)
   with pytest.raises(errors.UserError, match=f'no coordinator answered at 127.0.0.1:{port}'):
-    multihost.initialize(config(f'127.0.0.1:{port}', 1))
+    join(f'127.0.0.1:{port}', 1)
   with pytest.raises(errors.UserError, match='0 <= process_id < num_processes'):
-    multihost.initialize(config(f'127.0.0.1:{port}', 2))
+    join(f'127.0.0.1:{port}', 2)
   with socket.socket() as busy:
     busy.bind(('', port))
     busy.listen()
     with pytest.raises(errors.UserError, match=f'process 0 cannot listen on port {port}'):
-      multihost.initialize(config(f'127.0.0.1:{port}', 0))
+      join(f'127.0.0.1:{port}', 0)

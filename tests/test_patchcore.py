@@ -1,4 +1,5 @@
 """The fitted model: fit, predict, calibration, save/load, export, and compiling once."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,16 +12,19 @@ from patchcore_jax import backbones
 from patchcore_jax import data
 from patchcore_jax import deploy
 from patchcore_jax import errors
+from patchcore_jax import memory_bank
 from patchcore_jax import metrics
+from patchcore_jax import model as model_lib
 from patchcore_jax import patchcore
 from patchcore_jax import saving
+from patchcore_jax import stages
 from patchcore_jax.data import transforms
 
 # One worker runs this file's tests, so the module fixtures are fitted once.
 pytestmark = pytest.mark.xdist_group('fitted_model')
 
-SETTINGS = dict(image_size=128, resize=128, transform='resize', pretrain_dim=256, target_dim=128,
-                batch_size=4)
+SETTINGS = model_lib.Settings(image_size=128, resize=128, transform='resize', pretrain_dim=256,
+                              target_dim=128, batch_size=4)
 
 
 @pytest.fixture(scope='module')
@@ -39,8 +43,7 @@ def backbone():
 
 @pytest.fixture(scope='module')
 def model(backbone, tiles):
-  return patchcore.fit(backbone, tiles[0], holdout=0.2, target_fpr=0.25, progress=False,
-                       **SETTINGS)
+  return patchcore.fit(backbone, tiles[0], SETTINGS, holdout=0.2, target_fpr=0.25, progress=False)
 
 
 def test_fit_holds_out_images_and_calibrates_a_threshold(model, backbone, tiles):
@@ -52,8 +55,8 @@ def test_fit_holds_out_images_and_calibrates_a_threshold(model, backbone, tiles)
   # m = floor(0.25 * 4) = 1: the second largest held-out score; one of four lies above it.
   assert cal.image_threshold == sorted(cal.holdout_scores)[-2]
   # The held-out images are exactly those left out of the bank: refit on the 16 others alone.
-  train_idx, held_idx = patchcore.split_holdout(20, holdout=0.2, seed=0)
-  again = patchcore.fit(backbone, [tiles[0][i] for i in train_idx], progress=False, **SETTINGS)
+  train_idx, held_idx = model_lib.split_holdout(20, holdout=0.2, seed=0)
+  again = patchcore.fit(backbone, [tiles[0][i] for i in train_idx], SETTINGS, progress=False)
   held = patchcore.predict(again, [tiles[0][i] for i in held_idx])
   np.testing.assert_array_equal(np.sort(held.image_scores), np.array(cal.holdout_scores,
                                                                       np.float32))
@@ -86,22 +89,26 @@ def test_arrays_and_files_give_the_same_scores(model, tiles):
 
 def test_fit_rejects_bad_settings(backbone, tiles):
   with pytest.raises(TypeError, match='precentage'):
-    patchcore.fit(backbone, tiles[0], precentage=0.1)
-  with pytest.raises(errors.UserError, match=r'percentage \(coreset.percentage\) = 1.5'):
-    patchcore.fit(backbone, tiles[0], percentage=1.5)
+    patchcore.fit(backbone, tiles[0], precentage=0.1)  # pylint: disable=unexpected-keyword-arg
+  with pytest.raises(TypeError, match='Settings'):
+    patchcore.fit(backbone, tiles[0], {'percentage': 0.1})
+  with pytest.raises(errors.UserError, match=r'^percentage = 1.5 is not allowed'):
+    patchcore.fit(backbone, tiles[0], model_lib.Settings(percentage=1.5))
   with pytest.raises(errors.UserError, match='holdout=1.0'):
     patchcore.fit(backbone, tiles[0], holdout=1.0)
 
 
 def test_backbone_compiles_once_for_fit_and_predict(backbone, tiles):
   """Fit, holdout scoring and prediction share one compiled embedding per shape."""
-  settings = dict(SETTINGS, target_dim=96)  # Shapes no other test compiles.
-  before = dict(patchcore._COMPILED)  # pylint: disable=protected-access
-  model = patchcore.fit(backbone, tiles[0][:8], holdout=0.25, progress=False, **settings)
-  patchcore.predict(model, tiles[1][:6])
-  patchcore.predict(model, tiles[1][6:9])
-  new = [k for k in patchcore._COMPILED if k not in before]  # pylint: disable=protected-access
-  assert sorted(k[0].__name__ for k in new) == ['_embed', '_score']
+  settings = dataclasses.replace(SETTINGS, target_dim=96)  # Shapes no other test compiles.
+  cache = stages.StageCache()
+  model = patchcore.fit(backbone, tiles[0][:8], settings, holdout=0.25, progress=False,
+                        cache=cache)
+  patchcore.predict(model, tiles[1][:6], cache=cache)
+  patchcore.predict(model, tiles[1][6:9], cache=cache)
+  assert sorted(k[0].__name__ for k in cache.keys()) == ['embed', 'score']
+  assert cache.compile_seconds > 0  # Its own cache: the process-wide one did not compile these.
+  assert not set(cache.keys()) & set(stages.DEFAULT_CACHE.keys())
 
 
 def test_save_load_round_trip_is_bit_identical(model, tiles, tmp_path):
@@ -112,7 +119,8 @@ def test_save_load_round_trip_is_bit_identical(model, tiles, tmp_path):
   assert record['settings']['image_size'] == 128 and record['memory_bank_size'] == model.bank.size
   loaded = saving.load(directory)
   assert loaded.settings == model.settings and loaded.calibration == model.calibration
-  np.testing.assert_array_equal(saving.bank_rows(loaded.bank), saving.bank_rows(model.bank))
+  np.testing.assert_array_equal(memory_bank.bank_rows(loaded.bank),
+                                memory_bank.bank_rows(model.bank))
   a, b = patchcore.predict(model, tiles[1]), patchcore.predict(loaded, tiles[1])
   np.testing.assert_array_equal(a.image_scores, b.image_scores)
   np.testing.assert_array_equal(a.maps, b.maps)
@@ -159,7 +167,10 @@ def test_load_refuses_broken_models_naming_the_file(model, tmp_path):
 
 
 def test_save_can_embed_the_backbone(model, tiles, tmp_path):
-  directory = saving.save(model, str(tmp_path / 'm'), include_backbone=True)
+  with pytest.raises(ValueError, match='weights as loaded'):  # Folded: not the loaded weights.
+    saving.save(model, str(tmp_path / 'folded'), include_backbone=True)
+  as_loaded = backbones.load_backbone('efficientnet_lite0', fold=False)
+  directory = saving.save(model, str(tmp_path / 'm'), include_backbone=True, backbone=as_loaded)
   record = json.load(open(os.path.join(directory, 'model.json')))
   record['backbone']['checkpoint'] = str(tmp_path / 'gone.pth')  # Only the embedded file serves.
   json.dump(record, open(os.path.join(directory, 'model.json'), 'w'))
@@ -197,7 +208,7 @@ def test_export_runs_without_this_package(model, tiles, tmp_path):
 def test_disk_bank_reads_what_was_written(tmp_path):
   rng = np.random.default_rng(0)
   rows = rng.normal(size=(1000, 24)).astype(np.float32)
-  bank = patchcore.DiskBank(1000, 24, directory=str(tmp_path))
+  bank = memory_bank.DiskBank(1000, 24, directory=str(tmp_path))
   assert os.listdir(tmp_path) == []  # Unlinked at once: nothing is left behind.
   for start in range(0, 1000, 300):
     bank.write(start, rows[start:start + 300])
@@ -213,7 +224,7 @@ def test_disk_bank_reads_what_was_written(tmp_path):
 def test_streamed_bank_gives_the_same_model(backbone, tiles):
   # Over the memory budget, the bank goes to a file and is read back for the projection and the
   # selected rows: the same coreset, bank and scores as in memory.
-  fit = lambda **kw: patchcore.fit(backbone, tiles[0][:8], progress=False, **kw, **SETTINGS)
+  fit = lambda **kw: patchcore.fit(backbone, tiles[0][:8], SETTINGS, progress=False, **kw)
   in_memory = fit()
   streamed = fit(memory_budget_bytes=0)
   assert dict(in_memory.info)['memory_bank_storage'] == 'memory'

@@ -12,8 +12,8 @@ import pytest
 from configs import demo
 from configs import predict as predict_config
 from patchcore_jax import errors
-from patchcore_jax import experiment
-from patchcore_jax import predict_job
+from patchcore_jax.jobs import experiment
+from patchcore_jax.jobs import predict as predict_job
 
 # One worker runs this file's tests, so the module fixtures are fitted once.
 pytestmark = pytest.mark.xdist_group('predict_job')

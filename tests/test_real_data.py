@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from configs import mvtec
-from patchcore_jax import experiment
+from patchcore_jax.jobs import experiment
 from tests.conftest import shared_path
 
 

@@ -104,7 +104,7 @@ def test_unbuilt_or_stale_datasets_are_refused_by_name(tmp_path):
 def test_a_run_from_tfds_equals_the_run_from_files(tmp_path):
   """experiment.run on both sources: the same results and the same scores file."""
   from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
-  from patchcore_jax import experiment  # pylint: disable=g-import-not-at-top
+  from patchcore_jax.jobs import experiment  # pylint: disable=g-import-not-at-top
   root = _folder(str(tmp_path / 'parts'), np.random.default_rng(3), size=(64, 64))
   results = {}
   for source in ('folder', 'tfds'):

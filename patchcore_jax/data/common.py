@@ -8,7 +8,7 @@ import concurrent.futures
 import dataclasses
 import io
 import os
-from typing import Any, List, Optional
+from typing import Any, List, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -44,6 +44,18 @@ class Split:
   @property
   def has_masks(self):
     return any(s.mask_path for s in self.test if s.label == 1)
+
+
+class Batch(NamedTuple):
+  """One batch of images, zero-padded to the batch size so that jitted consumers compile once.
+
+  images: [B, S, S, 3] float32 in [0, 1].
+  count: how many of the B rows are real images (the rest is padding).
+  masks: [B, S, S] bool ground truth, or None when not asked for.
+  """
+  images: np.ndarray
+  count: int
+  masks: Optional[np.ndarray] = None
 
 
 class NamedBytes(io.BytesIO):
@@ -188,12 +200,10 @@ def pad_batch(arrays, batch_size):
 
 
 def iterate_batches(samples, *, batch_size, image_config, with_masks=False, num_workers=2):
-  """Yields (images [batch_size, S, S, 3] float32 in [0, 1], masks [batch_size, S, S] bool or None,
-  count) with the last batch zero-padded to `batch_size` (so jitted consumers compile once);
-  `count` is the number of real samples in the batch. Batches load ahead of the consumer as
-  `map_in_batches`' `prefetch` says (by default not on the CPU backend: `default_prefetch`).
-  Samples are `Sample` records or plain paths; a file that cannot be read raises an error naming
-  it."""
+  """Yields a `Batch` per `batch_size` samples, the last one zero-padded; masks are loaded with
+  `with_masks`. Batches load ahead of the consumer as `map_in_batches`' `prefetch` says (by
+  default not on the CPU backend: `default_prefetch`). Samples are `Sample` records or plain
+  paths; a file that cannot be read raises an error naming it."""
 
   def load(sample):
     path = getattr(sample, 'path', sample)
@@ -216,7 +226,34 @@ def iterate_batches(samples, *, batch_size, image_config, with_masks=False, num_
       if error is not None:
         path = getattr(sample, 'path', sample)
         raise errors.UserError(f'cannot read image {path}: {error}') from error
-    count = len(loaded)
     images = pad_batch([value[0] for _, value, _ in loaded], batch_size)
     masks = pad_batch([value[1] for _, value, _ in loaded], batch_size) if with_masks else None
-    yield images, masks, count
+    yield Batch(images, len(loaded), masks)
+
+
+def image_batches(images, *, batch_size, image_config, num_workers=2):
+  """Yields a `Batch` (no masks) per `batch_size` images, the last one zero-padded.
+
+  `images`: a sequence of paths (or `Sample`s; decoded in `num_workers` threads), a uint8 array
+  [N, H, W, 3] (resized and cropped per `image_config`), or a float array [N, S, S, 3] in [0, 1]
+  already at the input size S = image_config['image_size'].
+  """
+  if not isinstance(images, (np.ndarray, jax.Array)):
+    yield from iterate_batches(list(images), batch_size=batch_size, image_config=image_config,
+                               num_workers=num_workers)
+    return
+  array = np.asarray(images)
+  if array.ndim != 4 or array.shape[-1] != 3:
+    raise ValueError(f'expected images [N, H, W, 3], got shape {array.shape}')
+  if array.dtype != np.uint8:
+    size = image_config['image_size']
+    if array.shape[1:3] != (size, size):
+      raise ValueError(f'float images must already be {size} x {size} (the input size), got '
+                       f'{array.shape[1:3]}; pass uint8 images to resize them')
+  for start in range(0, len(array), batch_size):
+    chunk = array[start:start + batch_size]
+    if array.dtype == np.uint8:
+      chunk = [transforms.from_array(x, **image_config) for x in chunk]
+    else:
+      chunk = list(np.asarray(chunk, np.float32))
+    yield Batch(pad_batch(chunk, batch_size), len(chunk))

@@ -26,7 +26,7 @@ files). The builder records a fingerprint of the listed files (relative names an
 dataset's metadata; reading with `data.root` set checks it, so a dataset built from other files
 is refused rather than silently used (rebuild by deleting its folder, named in the message).
 
-  splits = tfds_builders.get_splits(data_config)  # {category: Split}, building when needed.
+  splits = data.get_splits(data.DataSpec(name, root, source='tfds'))  # Builds when needed.
 """
 import hashlib
 import os

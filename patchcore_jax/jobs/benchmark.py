@@ -27,7 +27,6 @@ read bound, peak RSS per size; `plot_scale` draws them).
 import dataclasses
 import functools
 import glob
-import json
 import os
 import tempfile
 import time
@@ -42,21 +41,21 @@ from PIL import Image
 from patchcore_jax import backbones
 from patchcore_jax import coreset
 from patchcore_jax import errors
-from patchcore_jax import experiment
 from patchcore_jax import features as features_lib
+from patchcore_jax import files
 from patchcore_jax import knn
-from patchcore_jax import patchcore
+from patchcore_jax import memory_bank
 from patchcore_jax import saving
 from patchcore_jax import scoring
 from patchcore_jax import sharded
+from patchcore_jax import stages
 from patchcore_jax import timing
-from patchcore_jax import workdir as workdir_lib
 from patchcore_jax.data import common as data_common
 from patchcore_jax.data import transforms
+from patchcore_jax.jobs import charts
 
 PARTS = ('decode', 'backbone', 'embed', 'memory_bank', 'anomaly_maps', 'bank', 'end_to_end',
          'scale')
-Record = timing.Record  # The records' type (kept importable from here).
 
 
 def read_seconds(x, *, repeats):
@@ -187,9 +186,7 @@ def bench_backbone(config):
   parts = set(config.parts)
   records = []
   backbone = backbones.load_backbone(config.backbone.name, stages=config.backbone.stages,
-                                     random_seed=config.seed)
-  if config.backbone.fold_batchnorm:
-    backbone = backbones.fold_batchnorm(backbone)
+                                     random_seed=config.seed, fold=config.backbone.fold_batchnorm)
   images = features_lib.normalize(jnp.asarray(rng.random((b, s, s, 3), dtype=np.float32)))
   size = f'{s}px to {"+".join(backbone.stages)}, per image (batch {b})'
   if 'backbone' in parts:
@@ -213,18 +210,18 @@ def bench_backbone(config):
                                           target_dim=config.features.target_dim)
     num = config.memory_bank_images
     unit = rng.random((b, s, s, 3), dtype=np.float32)
-    batches = [(unit, min(b, num - i)) for i in range(0, num, b)]
+    batches = [data_common.Batch(unit, min(b, num - i)) for i in range(0, num, b)]
     _, compile_seconds = timing.compile_fn(embed_fn, (unit,))
-    build = lambda: patchcore.build_memory_bank(embed_fn, batches, num_images=num)
+    build = lambda: memory_bank.build_memory_bank(embed_fn, batches, num_images=num)
     size = f'{num} images of {s}px, per image'
     record = timing.time_host('memory_bank', 'jit', size, build, repeats=t.repeats, per=num,
                               note='backbone + embedding + copy into the host bank')
     records.append(dataclasses.replace(record, compile_seconds=compile_seconds))
     with jax.disable_jit():
-      count = batches[0][1]
+      count = batches[0].count
       records.append(timing.time_host(
           'memory_bank', 'eager', size,
-          lambda: patchcore.build_memory_bank(embed_fn, batches[:1], num_images=count),
+          lambda: memory_bank.build_memory_bank(embed_fn, batches[:1], num_images=count),
           repeats=t.eager_repeats, per=count, note=f'{count} images timed'))
 
   grid = stage_maps[0].shape[1:3]
@@ -241,7 +238,7 @@ def bench_backbone(config):
 
 def structured_bank(rows, dim, *, seed, rank=64, clusters=2048, spread=0.3, noise=0.05,
                     stream=0):
-  """A generated host bank [rows, dim] (64-byte aligned, as `patchcore.empty_host_bank`) shaped
+  """A generated host bank [rows, dim] (64-byte aligned, as `memory_bank.empty_host_bank`) shaped
   like CNN patch features: rows gather around `clusters` centres (repeated textures), and the
   variance lies mostly in `rank` directions (MVTec bottle banks: 99.3-99.9 % in 511). The
   centres and directions depend on `seed` only; `stream` draws other rows around the same
@@ -250,7 +247,7 @@ def structured_bank(rows, dim, *, seed, rank=64, clusters=2048, spread=0.3, nois
   mix = shape_rng.standard_normal((rank, dim), dtype=np.float32) / np.sqrt(rank)
   centres = shape_rng.standard_normal((clusters, rank), dtype=np.float32)
   rng = np.random.default_rng([seed, stream])
-  bank = patchcore.empty_host_bank(rows, dim)
+  bank = memory_bank.empty_host_bank(rows, dim)
   for start in range(0, rows, 65536):
     stop = min(start + 65536, rows)
     z = centres[rng.integers(0, clusters, stop - start)]
@@ -352,27 +349,22 @@ def bench_scale(config):
 
 def plot_scale(summaries, path, *, size=(900, 380)):
   """A PNG of peak RSS and seconds per pick (with the read bound) against bank rows, log-log,
-  from the `scale.json` lists of one or more 'scale' runs. PIL only."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  from the `scale.json` lists of one or more 'scale' runs."""
   points = sorted((p for s in summaries for p in s), key=lambda p: p['rows'])
   width, height = size
-  image = Image.new('RGB', size, 'white')
-  draw = ImageDraw.Draw(image)
-  panels = [('peak RSS (GiB)', [('peak RSS', [p['peak_rss_bytes'] / 2**30 for p in points],
-                                 (31, 119, 180))]),
-            ('ms per greedy pick', [('lazy loop', [1e3 * p['seconds_per_pick'] for p in points],
-                                     (31, 119, 180)),
-                                    ('read bound', [1e3 * p['read_seconds'] for p in points],
-                                     (214, 39, 40))])]
+  image, draw = charts.canvas(size)
+  panels = [('peak RSS (GiB)', [('peak RSS', [p['peak_rss_bytes'] / 2**30 for p in points])]),
+            ('ms per greedy pick', [('lazy loop', [1e3 * p['seconds_per_pick'] for p in points]),
+                                    ('read bound', [1e3 * p['read_seconds'] for p in points])])]
   rows = np.log10([p['rows'] for p in points])
-  for k, (title, series) in enumerate(panels):
+  for k, (title, lines) in enumerate(panels):
     left, top, w, h = 60 + k * width // 2, 40, width // 2 - 100, height - 100
-    values = np.log10([v for _, ys, _ in series for v in ys])
+    values = np.log10([v for _, ys in lines for v in ys])
     lo, hi = np.floor(values.min()), np.ceil(values.max())
     hi = max(hi, lo + 1)
     xlo, xhi = np.floor(rows.min() * 2) / 2, np.ceil(rows.max() * 2) / 2
     xy = lambda x, y: (left + w * (x - xlo) / (xhi - xlo), top + h - h * (y - lo) / (hi - lo))
-    draw.rectangle([left, top, left + w, top + h], outline='black')
+    charts.frame(draw, left, top, left + w, top + h)
     draw.text((left, 10), title + ' against bank rows (log-log)', fill='black')
     for e in np.arange(lo, hi + 1):
       y = xy(xlo, e)[1]
@@ -380,12 +372,10 @@ def plot_scale(summaries, path, *, size=(900, 380)):
       draw.text((left - 50, y - 6), f'{10 ** e:g}', fill='black')
     for x, p in zip(rows, points):
       draw.text((xy(x, lo)[0] - 20, top + h + 6), f'{p["rows"] / 1e6:.2g}M', fill='black')
-    for j, (name, ys, colour) in enumerate(series):
-      line = [xy(x, np.log10(y)) for x, y in zip(rows, ys)]
-      draw.line(line, fill=colour, width=2)
-      for cx, cy in line:
-        draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-      draw.text((left + 8, top + 8 + 14 * j), name, fill=colour)
+    for j, (_, ys) in enumerate(lines):
+      charts.series(draw, [xy(x, np.log10(y)) for x, y in zip(rows, ys)], charts.COLOURS[j])
+    charts.legend(draw, left + 8, top + 8, [(name, charts.COLOURS[j])
+                                           for j, (name, _) in enumerate(lines)], step=14)
   image.save(path)
 
 
@@ -403,7 +393,7 @@ def bench_bank_and_coreset(config, *, patches_per_image, dim):
       # distances, greedy loop, selected rows), before any other copy is made.
       percentage = min(config.bank.percentages)
       start = time.perf_counter()
-      patchcore.subsample(bank, percentage=percentage, key=jax.random.key(config.seed),
+      memory_bank.subsample(bank, percentage=percentage, key=jax.random.key(config.seed),
                           projection_dim=config.bank.projection_dim)
       memory = {'bank_rows': n, 'bank_bytes': bank.nbytes, 'percentage': percentage,
                 'projection_bytes': n * config.bank.projection_dim * 4,
@@ -418,7 +408,7 @@ def bench_bank_and_coreset(config, *, patches_per_image, dim):
                                              seed=config.seed + scale, stream=1).reshape(
                                                  config.batch_size, patches_per_image, dim))
     for percentage in config.bank.percentages:
-      m = int(n * percentage)
+      m = coreset.coreset_size(n, percentage)
       records.extend(bench_knn(config, bank[:m], queries, label=f'{m:,}-row bank '
                                f'({percentage:.0%} of {n:,}, generated)'))
     del bank
@@ -461,7 +451,7 @@ def bench_coreset(config, projected_t, *, label):
                            f'({read_kernel}, fastest of sum/max/ones-matvec)')]
   sizes = []
   for percentage in config.bank.percentages:
-    num_samples = int(n * percentage)
+    num_samples = coreset.coreset_size(n, percentage)
     iters = min(num_samples, t.coreset_iterations)
     loop = lambda iters=iters: coreset.greedy_coreset_loop(projected_t, init, num_samples=iters)
     start = time.perf_counter()
@@ -570,10 +560,11 @@ def bench_saved_bank(config):
   paths = sorted(p for p in glob.glob(os.path.join(config.knn.images, '**', '*'), recursive=True)
                  if os.path.splitext(p)[1].lower() in ('.png', '.jpg', '.jpeg', '.bmp'))
   paths = paths[:model.settings.batch_size]
-  images, _ = next(patchcore.image_batches(paths, model.settings))
-  feats = patchcore.embed_batch(model.backbone, images, model.settings)
+  batch = next(data_common.image_batches(paths, batch_size=model.settings.batch_size,
+                                         image_config=model.settings.image_config))
+  feats = stages.embed_batch(model.backbone, batch.images, model.settings)
   b, h, w, d = feats.shape
-  rows = np.asarray(saving.bank_rows(model.bank))
+  rows = np.asarray(memory_bank.bank_rows(model.bank))
   name = os.path.basename(os.path.normpath(config.knn.model))
   return bench_knn(config, rows, feats.reshape(b, h * w, d),
                    label=f'{rows.shape[0]:,}-row bank (saved model {name!r}, '
@@ -581,14 +572,16 @@ def bench_saved_bank(config):
 
 
 def bench_end_to_end(config, workdir):
-  """The experiment `config.end_to_end` run as the launcher runs it: its wall clock and split."""
+  """The experiment `config.end_to_end` run as the launcher runs it (`jobs.run`, replacing the
+  outputs of an earlier benchmark's run): its wall clock and split."""
+  from patchcore_jax import jobs  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, 'end_to_end')
-  e2e = config.end_to_end
+  e2e = config.end_to_end.copy_and_resolve_references()
   with e2e.unlocked():
     e2e.output.overwrite = True
-  patchcore.clear_compiled()  # Its compilations count, as in a fresh launcher process.
+  stages.DEFAULT_CACHE.clear()  # Its compilations count, as in a fresh launcher process.
   start = time.perf_counter()
-  results = experiment.run(e2e, directory)
+  results = jobs.run(e2e, directory)
   wall = time.perf_counter() - start
   records = []
   for category, result in results.items():
@@ -596,7 +589,7 @@ def bench_end_to_end(config, workdir):
             f'{result["num_train_images"]} + {result["num_test_images"]} images')
     records.append(timing.record(
         'end_to_end', 'wall', size, [wall], note=(
-            f'experiment.run as the launcher calls it: image AUROC '
+            f'the experiment job as the launcher runs it: image AUROC '
             f'{result["image_auroc"]:.4f}, fit {result["fit_seconds"]:.1f} s, '
             f'{1000 * result["inference_seconds_per_image"]:.0f} ms per test image; split: '
             + ', '.join(f'{k} {v:.1f} s' for k, v in result['timings'].items()))))
@@ -657,7 +650,7 @@ def run(config, workdir):
   if bool(config.knn.model) != bool(config.knn.images):
     raise errors.UserError('knn.model and knn.images go together: set both or neither')
   os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+  files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   records, memory = [], {}
   if 'bank' in config.parts:
     # Bank and coreset first, so that the peak memory reported is theirs alone.
@@ -674,11 +667,11 @@ def run(config, workdir):
   if 'scale' in config.parts:
     scale_records, summary = bench_scale(config)
     records += scale_records
-    workdir_lib.write_json(os.path.join(workdir, 'scale.json'), summary)
-  workdir_lib.write_json(os.path.join(workdir, 'benchmark.json'),
+    files.write_json(os.path.join(workdir, 'scale.json'), summary)
+  files.write_json(os.path.join(workdir, 'benchmark.json'),
                          [dataclasses.asdict(r) for r in records])
   table = markdown(records, machine=timing.machine_description(), memory=memory, config=config)
-  workdir_lib.write_text(os.path.join(workdir, 'benchmark.md'), table)
+  files.write_text(os.path.join(workdir, 'benchmark.md'), table)
   logging.info('\n%s', table)
   return records
 
@@ -693,7 +686,7 @@ def markdown(records, *, machine, memory, config):
   ]
   lines = [timing.markdown(records, header=header).rstrip('\n')]
   if memory:
-    lines += ['', f'Fit memory and time: `patchcore.subsample` of the {memory["bank_rows"]:,}-row '
+    lines += ['', f'Fit memory and time: `memory_bank.subsample` of the {memory["bank_rows"]:,}-row '
               f'host bank to {memory["percentage"]:.0%} (projection, initial distances, greedy '
               f'loop, selected rows) took {memory["subsample_seconds"]:.1f} s; peak RSS '
               f'{memory["peak_rss_bytes"] / 2**30:.2f} GiB, measured before anything else ran: '

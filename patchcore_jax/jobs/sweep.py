@@ -31,39 +31,37 @@ Writes into `workdir` (atomically): config.json, status.json, sweep.json (a list
 {"variant": {field: value}, "category", "image_auroc", "pixel_auroc", "au_pro",
 "memory_bank_size", "misclassified", "memory_bank_usage", "ms_per_image", ...}), timings.json
 (what was shared and what each variant cost), report.md (a table per category, mean ± std over
-seeds and over categories, the paper's statements: `PAPER`), plots/<category>_<metric>.png,
+seeds and over categories, the paper's statements: `sweep_report`), plots/<category>_<metric>.png,
 plots/<category>_{roc,pr}.png (image-level curves, Fig. S3), scores/<category>.csv (every
 variant's image scores, one column each, named v<record index>), overlays/<category>/ (labelled
 anomaly maps of the first variant, with `overlays` > 0).
 """
-import csv
 import dataclasses
 import functools
-import io
 import os
 import time
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
-from PIL import Image
-from PIL import ImageDraw
-from sklearn import metrics as sk_metrics
 
 from patchcore_jax import backbones
 from patchcore_jax import coreset
 from patchcore_jax import data as data_lib
 from patchcore_jax import errors
-from patchcore_jax import experiment
+from patchcore_jax import evaluation
+from patchcore_jax import files
 from patchcore_jax import ivfpq
 from patchcore_jax import knn
-from patchcore_jax import metrics
-from patchcore_jax import patchcore
+from patchcore_jax import memory_bank
+from patchcore_jax import model as model_lib
 from patchcore_jax import scoring
-from patchcore_jax import workdir as workdir_lib
+from patchcore_jax import stages
+from patchcore_jax.jobs import config as config_lib
+from patchcore_jax.jobs import sweep_report
+from patchcore_jax.jobs import workdir as workdir_lib
 
 SUBSAMPLERS = ('greedy', 'random', 'proxies')
 PROXY_SIGNS = ('softmin', 'printed')
@@ -75,11 +73,6 @@ OUTPUTS = ('config.json', 'sweep.json', 'timings.json', 'report.md', 'plots', 's
 # ------------------------------------------------------------------------------- Subsamplers.
 
 
-def bank_size(rows, percentage):
-  """Rows a percentage keeps (as `coreset.approximate_greedy_coreset`): all for 1.0."""
-  return rows if percentage == 1.0 else int(rows * percentage)
-
-
 def greedy_prefixes(bank_features, percentages, *, key, projection_dim=128, num_starts=10,
                     precision='highest'):
   """{percentage: coreset indices}: one greedy run to the largest percentage, cut to each size."""
@@ -88,13 +81,13 @@ def greedy_prefixes(bank_features, percentages, *, key, projection_dim=128, num_
   picks = np.asarray(coreset.approximate_greedy_coreset(
       bank_features, percentage=largest, key=key, projection_dim=projection_dim,
       num_starts=num_starts, precision=precision))
-  return {p: picks[:bank_size(rows, p)] for p in percentages}
+  return {p: picks[:coreset.coreset_size(rows, p)] for p in percentages}
 
 
 def random_prefixes(rows, percentages, *, seed):
   """{percentage: indices}: prefixes of one seeded permutation of the rows."""
   order = np.random.default_rng(seed).permutation(rows).astype(np.int32)
-  return {p: order[:bank_size(rows, p)] for p in percentages}
+  return {p: order[:coreset.coreset_size(rows, p)] for p in percentages}
 
 
 def proxy_loss(proxies, batch, *, temperature=1.0, sign='softmin'):
@@ -185,14 +178,15 @@ def feature_settings(settings, config, fv):
                              patch_size=fv['patch_size'], stride=fv['stride']).validate()
 
 
-def load_backbone(config, fv):
-  """The backbone of a feature variant (its name, and the stages of its hierarchy)."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  if fv['backbone'] != config.backbone.name:
-    c.backbone.name, c.backbone.checkpoint, c.backbone.stages = fv['backbone'], '', ()
+def load_backbone(spec, fv, *, image_size):
+  """The backbone of a feature variant: `spec` (the config's `BackboneSpec`) with the variant's
+  backbone name (its own weights and default stages) and the stages of its hierarchy."""
+  if fv['backbone'] != spec.name:
+    spec = dataclasses.replace(spec, name=fv['backbone'], checkpoint='', stages=())
   if fv['hierarchy']:
-    c.backbone.stages = backbones.level_stages(fv['backbone'], fv['hierarchy'])
-  return experiment.load_backbone(c)
+    spec = dataclasses.replace(spec, stages=backbones.level_stages(fv['backbone'],
+                                                                   fv['hierarchy']))
+  return config_lib.load_backbone(spec, image_size=image_size)
 
 
 def score_variants(config):
@@ -236,7 +230,7 @@ def variants_of(bank_rows, config, key):
   if not percentages:
     return
   for p in percentages:
-    if bank_size(rows, p) < 1:
+    if coreset.coreset_size(rows, p) < 1:
       raise errors.UserError(f'config.sweep.percentages: {p:g} of {rows} bank rows keeps none '
                              '(fewer shots or a lower percentage); raise it')
   for name in sc.subsamplers:
@@ -255,7 +249,7 @@ def variants_of(bank_rows, config, key):
         for sign in signs:
           start = time.perf_counter()
           bank, _ = learned_proxies(
-              bank_rows, bank_size(rows, p), seed=config.seed, steps=sc.proxies.steps,
+              bank_rows, coreset.coreset_size(rows, p), seed=config.seed, steps=sc.proxies.steps,
               batch_size=sc.proxies.batch_size, learning_rate=sc.proxies.learning_rate,
               sign=sign)
           yield (dict(subsampler='proxies', percentage=p, proxy_sign=sign), bank,
@@ -283,33 +277,21 @@ class Features:
 def extract(backbone, split, settings, *, num_workers=2):
   """Training bank and test features of `split`, each image through the backbone once."""
   start = time.perf_counter()
-  patchcore.precompile(backbone, settings)
-  embed = lambda x: patchcore.embed_batch(backbone, x, settings)
-  train = patchcore.build_memory_bank(
-      embed, patchcore.image_batches(split.train, settings, num_workers=num_workers),
-      num_images=len(split.train))
+  stages.precompile(backbone, settings)
+  embed = lambda x: stages.embed_batch(backbone, x, settings)
+  batches = lambda samples, **kw: data_lib.iterate_batches(
+      samples, batch_size=settings.batch_size, image_config=settings.image_config,
+      num_workers=num_workers, **kw)
+  train = memory_bank.build_memory_bank(embed, batches(split.train), num_images=len(split.train))
   test, masks, test_seconds = [], [], 0.0
-  for images, batch_masks, count in data_lib.iterate_batches(
-      split.test, batch_size=settings.batch_size, image_config=settings.image_config,
-      with_masks=True, num_workers=num_workers):
+  for batch in batches(split.test, with_masks=True):
     begin = time.perf_counter()
-    test.append(np.asarray(embed(images))[:count])
+    test.append(np.asarray(embed(batch.images))[:batch.count])
     test_seconds += time.perf_counter() - begin
-    masks.append(batch_masks[:count])
+    masks.append(batch.masks[:batch.count])
   return Features(train=train, test=np.concatenate(test), masks=np.concatenate(masks),
                   labels=np.array([s.label for s in split.test]), has_masks=split.has_masks,
                   seconds=time.perf_counter() - start, test_seconds=test_seconds)
-
-
-def _score_ivfpq(index, feats, *, image_size, k, distance, sigma, nprobe, precision):
-  """As `patchcore._score` (without Eq. 7), searching an `ivfpq.Index`."""
-  b, h, w, d = feats.shape
-  sq_dist, rows = ivfpq.search(feats.reshape(b * h * w, d), index, nprobe=nprobe, k=k,
-                               precision=precision)
-  scores = scoring.patch_scores(sq_dist.reshape(b, h * w, k), distance=distance)
-  grid = scores.reshape(b, h, w)
-  maps = scoring.anomaly_maps(grid, size=(image_size, image_size), sigma=sigma)
-  return scoring.image_scores(scores), maps, grid, rows[:, 0].reshape(b, h * w)
 
 
 def build_index(bank_rows, config, key):
@@ -329,8 +311,8 @@ def build_index(bank_rows, config, key):
 
 def evaluate(bank_rows, feats, *, settings, search='exact', index=None, nprobe=1, bank=None):
   """Scores `feats` against the bank `bank_rows` [M, D] as a fitted model would
-  (`patchcore.score_batch`: k, distance, Eq. 7 and sigma from `settings`), or through the IVF-PQ
-  `index` (search='ivfpq'). `bank`: the prepared `knn.Bank` of bank_rows, if already made.
+  (`evaluation.score_features`: k, distance, Eq. 7 and sigma from `settings`), or through the
+  IVF-PQ `index` (search='ivfpq'). `bank`: the prepared `knn.Bank` of bank_rows, if already made.
 
   Returns:
     (the metrics record of one variant, image scores [n], maps [n, S, S], each test patch's
@@ -339,40 +321,16 @@ def evaluate(bank_rows, feats, *, settings, search='exact', index=None, nprobe=1
   start = time.perf_counter()
   if search == 'exact' and bank is None:
     bank = knn.prepare_bank(bank_rows, block_size=settings.block_size, screen=settings.screen)
-  n, bs = len(feats.test), settings.batch_size
-  image_scores = np.empty((n,), np.float32)
-  maps = np.empty((n,) + feats.masks.shape[1:], np.float32)
-  nearest = np.empty((n, feats.test.shape[1] * feats.test.shape[2]), np.int32)
-  compute = 0.0
-  for i in range(0, n, bs):
-    chunk = feats.test[i:i + bs]
-    count = len(chunk)
-    if count < bs:  # One compiled shape: pad the last batch.
-      chunk = np.concatenate([chunk, np.zeros((bs - count,) + chunk.shape[1:], chunk.dtype)])
-    chunk = jnp.asarray(chunk)
-    if search == 'exact':
-      fn = lambda: patchcore.score_batch(bank, chunk, settings, with_index=True)
-    else:
-      static = tuple(sorted(dict(image_size=settings.image_size, k=settings.k, nprobe=nprobe,
-                                 distance=settings.distance, sigma=settings.sigma,
-                                 precision=settings.precision).items()))
-      executable = patchcore.compiled(_score_ivfpq, static, index, chunk)
-      fn = lambda: executable(index, chunk)
-    if i == 0:  # Compiles (once per shape) and warms up outside the timed calls.
-      jax.block_until_ready(fn())
-    begin = time.perf_counter()
-    scores, batch_maps, _, batch_nearest = jax.block_until_ready(fn())
-    compute += time.perf_counter() - begin
-    image_scores[i:i + count] = np.asarray(scores)[:count]
-    maps[i:i + count] = np.asarray(batch_maps)[:count]
-    nearest[i:i + count] = np.asarray(batch_nearest)[:count]
+  image_scores, maps, nearest, compute = evaluation.score_features(
+      bank if search == 'exact' else index, feats.test, settings,
+      nprobe=None if search == 'exact' else nprobe)
   used = np.zeros((bank_rows.shape[0],), bool)
   used[nearest[nearest >= 0]] = True
   record = {
       **scores_record(feats.labels, image_scores, feats.masks, maps, feats.has_masks),
       'memory_bank_size': int(bank_rows.shape[0]),
       'memory_bank_usage': float(used.mean()),
-      'score_ms_per_image': 1000.0 * compute / n,
+      'score_ms_per_image': 1000.0 * compute / len(feats.test),
       'score_seconds': time.perf_counter() - start,
   }
   return record, image_scores, maps, nearest
@@ -381,14 +339,9 @@ def evaluate(bank_rows, feats, *, settings, search='exact', index=None, nprobe=1
 def scores_record(labels, image_scores, masks, maps, has_masks):
   """Image AUROC, pixel AUROC and AU-PRO (None without masks), and the number of test images on
   the wrong side of the F1-optimal image threshold."""
-  threshold, _ = metrics.f1_optimal_threshold(labels, image_scores)
-  return {
-      'image_auroc': metrics.image_auroc(labels, image_scores),
-      'pixel_auroc': metrics.pixel_auroc(masks, maps) if has_masks else None,
-      'au_pro': metrics.au_pro(masks, maps) if has_masks else None,
-      'misclassified': (int(np.sum((image_scores > threshold) != labels))
-                        if threshold is not None else None),
-  }
+  record = evaluation.metric_record(labels, image_scores, *((masks, maps) if has_masks else ()))
+  record['misclassified'] = evaluation.test_thresholds(labels, image_scores).get('misclassified')
+  return record
 
 
 def combine(runs):
@@ -495,32 +448,18 @@ def validate(config):
                              f'every value in [1, nlist={ic.nlist}]')
   if sc.ensemble and len(sc.backbones) < 2:
     raise errors.UserError('config.sweep.ensemble=True needs at least two config.sweep.backbones')
-  if sc.paper and sc.paper not in PAPER:
-    raise errors.UserError(f'config.sweep.paper={sc.paper!r} is not allowed: must be one of '
-                           f'{tuple(PAPER)} or empty')
   if sc.overlays < 0:
     raise errors.UserError(f'config.sweep.overlays={sc.overlays!r} is not allowed: must be >= 0')
 
 
-def _write_scores_csv(path, split, labels, columns):
-  """path,label and one column of image scores per variant (named by its record index)."""
-  out = io.StringIO()
-  writer = csv.writer(out)
-  writer.writerow(['path', 'label'] + [name for name, _ in columns])
-  for i, (sample, label) in enumerate(zip(split.test, labels)):
-    writer.writerow([split.relative(sample.path), int(label)]
-                    + [repr(float(scores[i])) for _, scores in columns])
-  workdir_lib.write_text(path, out.getvalue())
-
-
 def _write_overlays(directory, split, settings, labels, scores, maps, masks, count):
-  """Labelled overlays (`experiment.write_overlays`) of one variant, coloured on the fixed
+  """Labelled overlays (`evaluation.write_overlays`) of one variant, coloured on the fixed
   scale [0, 2 x its F1-optimal threshold]."""
-  threshold, _ = metrics.f1_optimal_threshold(labels, scores)
-  if threshold is None:
+  calibration = evaluation.calibrate_on_test(model_lib.Calibration(),
+                                             evaluation.test_thresholds(labels, scores))
+  if calibration.image_threshold is None:
     return
-  calibration = patchcore.Calibration(image_threshold=threshold, image_threshold_source='test_f1')
-  experiment.write_overlays(directory, split, calibration, settings.image_config, scores, maps,
+  evaluation.write_overlays(directory, split, calibration, settings.image_config, scores, maps,
                             masks, count)
 
 
@@ -578,7 +517,8 @@ def _category(config, name, split, settings, key, workdir, records, timings, loa
   for fv in feature_variants(config):
     fsettings = feature_settings(settings, config, fv)
     if (fv['backbone'], fv['hierarchy']) not in loaded:  # Once per process, as the compilation.
-      loaded[fv['backbone'], fv['hierarchy']] = load_backbone(config, fv)
+      loaded[fv['backbone'], fv['hierarchy']] = load_backbone(
+          config_lib.backbone_spec(config), fv, image_size=config.data.image_size)
     backbone = loaded[fv['backbone'], fv['hierarchy']]
     features = extract(backbone, split, fsettings, num_workers=config.data.num_workers)
     labels, masks, has_masks = features.labels, features.masks, features.has_masks
@@ -611,7 +551,7 @@ def _category(config, name, split, settings, key, workdir, records, timings, loa
                        '(%.1f s + %.1f s)', name, variant, record['image_auroc'],
                        record['memory_bank_size'], record['memory_bank_usage'],
                        record['ms_per_image'], seconds, record['score_seconds'])
-          workdir_lib.write_json(os.path.join(workdir, 'sweep.json'), records)
+          files.write_json(os.path.join(workdir, 'sweep.json'), records)
           seconds = 0.0  # The subsampling is counted once, with its first scoring.
     del features, bank_all, bank_rows  # Before the next variant's extraction.
   if sc.ensemble:
@@ -622,21 +562,23 @@ def _category(config, name, split, settings, key, workdir, records, timings, loa
       records.append(record)
       columns.append((f'v{len(records) - 1}', scores))
       logging.info('[%s] %s: image AUROC %.4f', name, e, record['image_auroc'])
-    workdir_lib.write_json(os.path.join(workdir, 'sweep.json'), records)
-  _write_scores_csv(os.path.join(workdir, 'scores', f'{name}.csv'), split, labels, columns)
+    files.write_json(os.path.join(workdir, 'sweep.json'), records)
+  evaluation.write_scores_csv(os.path.join(workdir, 'scores', f'{name}.csv'), split, labels,
+                              columns)
   first = len(records) - len(columns)
   for kind in ('roc', 'pr'):
-    image = curve_plot(records[first:], [c[1] for c in columns], labels, kind)
+    image = sweep_report.curve_plot(records[first:], [c[1] for c in columns], labels, kind)
     if image is not None:
-      workdir_lib.save_png(os.path.join(workdir, 'plots', f'{name}_{kind}.png'), image)
+      files.save_png(os.path.join(workdir, 'plots', f'{name}_{kind}.png'), image)
   t['total_seconds'] = time.perf_counter() - start
 
 
 def run(config, workdir):
   """Runs the sweep `config.sweep` describes over every category; returns the records."""
   validate(config)
-  settings = experiment.validate_config(config)
-  splits = data_lib.get_splits(config.data)
+  experiment = config_lib.read_experiment(config)
+  settings = experiment.settings
+  splits = data_lib.get_splits(experiment.data)
   if config.data.max_train_images > 0:  # As an experiment run: the first N training images.
     splits = {name: dataclasses.replace(split, train=split.train[:config.data.max_train_images])
               for name, split in splits.items()}
@@ -648,7 +590,7 @@ def run(config, workdir):
   status = workdir_lib.claim(workdir, job='sweep', outputs=OUTPUTS,
                              overwrite=config.output.overwrite)
   try:
-    workdir_lib.write_text(os.path.join(workdir, 'config.json'),
+    files.write_text(os.path.join(workdir, 'config.json'),
                            config.to_json_best_effort(indent=2))
     records, timings, loaded = [], {}, {}
     start = time.perf_counter()
@@ -657,267 +599,16 @@ def run(config, workdir):
       _category(config, name, split, settings, key, workdir, records, timings, loaded)
       workdir_lib.mark_done(workdir, status, name)
     timings['wall_seconds'] = time.perf_counter() - start
-    workdir_lib.write_json(os.path.join(workdir, 'timings.json'), timings)
-    workdir_lib.write_text(os.path.join(workdir, 'report.md'), report(records, config, timings))
+    files.write_json(os.path.join(workdir, 'timings.json'), timings)
+    files.write_text(os.path.join(workdir, 'report.md'),
+                     sweep_report.report(records, config, timings))
     for name in splits:
       for metric in ('image_auroc', 'pixel_auroc', 'au_pro', 'memory_bank_usage'):
-        image = plot([r for r in records if r['category'] == name], metric)
+        image = sweep_report.plot([r for r in records if r['category'] == name], metric)
         if image is not None:
-          workdir_lib.save_png(os.path.join(workdir, 'plots', f'{name}_{metric}.png'), image)
+          files.save_png(os.path.join(workdir, 'plots', f'{name}_{metric}.png'), image)
   except BaseException as error:
     workdir_lib.finish(workdir, status, error=error)
     raise
   workdir_lib.finish(workdir, status)
   return records
-
-
-# ----------------------------------------------------------------------------------- Report.
-
-# What the paper reports for each experiment (config.sweep.paper), beside ours in report.md.
-# Its numbers are WideResNet-50 (ImageNet) over all 15 MVTec categories unless a line says
-# otherwise; the backbones here have other weights, so compare the trends, not the rows.
-PAPER = {
-    'table1': [
-        'Tables 1-3 (mean over the 15 MVTec AD categories, WideResNet-50): image AUROC 99.1 / '
-        '99.0 / 99.0, pixel AUROC 98.1 / 98.1 / 98.0, PRO 93.4 / 93.5 / 93.1 for PatchCore-25 / '
-        '10 / 1 %.',
-        'Bottle, PatchCore-10 %: image AUROC 100.0, pixel AUROC 98.6, PRO 96.1.',
-    ],
-    'table4': [
-        'Table 4: larger images (280, 320 px), other hierarchies and backbone ensembles raise '
-        'image AUROC; the ensemble of WideResNet-101, ResNeXt-101 and DenseNet-201 reaches '
-        '99.6 (the abstract\'s "up to 99.6 %"). Ensembles here combine the backbones whose '
-        'ImageNet weights install: EfficientNet-Lite2, VGG16, MobileNetV2.',
-    ],
-    'table5': [
-        'Table 5: PatchCore-10 % takes 0.22 s per image on the paper\'s GPU; PatchCore-100 % with '
-        'faiss IVFPQ loses about one point of image AUROC against the exact search and is still '
-        'slower than PatchCore-1 %. Here: a 2-core CPU, and IVF-PQ in JAX (patchcore_jax.ivfpq) '
-        'with faiss\'s parameters in the official code (512 lists, 64 x 8-bit codes).',
-    ],
-    'fig4_patch_size': [
-        'Fig. 4 (left): image AUROC against the neighbourhood size p = 1, 3, 5, 7, 9; the paper '
-        'keeps p = 3 (too small: no context; too large: lost locality).',
-    ],
-    'fig4_hierarchies': [
-        'Fig. 4 (right): feature hierarchy levels 1, 2, 3, 1+2, 2+3, 1+2+3; the paper keeps 2+3 '
-        '(mid-level features: level 1 alone is too generic, 3 alone too ImageNet-specific).',
-    ],
-    'fig5': [
-        'Fig. 5 (a figure, no table): the greedy coreset against random subsampling and '
-        'learned basis proxies at 25, 10, 1 and 0.1 %; compare the coreset and random rows '
-        'at 1 % and 0.1 % above.',
-        'Sec. 4.4.3 (memory bank usage): without subsampling fewer than 30 % of the bank '
-        'rows are some test patch\'s nearest neighbour; at 1 % about 95 % are.',
-        'Bottle, WideResNet-50, PatchCore-10 %: image AUROC 100.0, pixel AUROC 98.6, PRO '
-        '96.1 (other backbone weights than here: not comparable row by row).',
-    ],
-    'stride': [
-        'Sec. 4.4.2: neighbourhood stride s = 2 and 3 give 97.6 and 96.8 image AUROC (mean over '
-        'MVTec AD, WideResNet-50); s = 1 is the main result.',
-    ],
-    'lowshot': [
-        'Table S5 (supplementary): PatchCore with 1, 2, 5, 10, 16, 20 and 50 training images, '
-        'mean over the 15 categories; it stays well ahead of the other methods with few shots. '
-        'One category here: compare the trend, not the rows.',
-    ],
-    'table6': [
-        'Table 6: Magnetic Tile Defects, image AUROC 97.9 (WideResNet-50).',
-    ],
-}
-
-_METRICS = ('image_auroc', 'pixel_auroc', 'au_pro')
-
-
-def _pct(value):
-  return 'n/a' if value is None else f'{100 * value:.2f}'
-
-
-def _fmt_value(key, value):
-  if key == 'percentage':
-    return f'{100 * value:g} %'
-  return str(value)
-
-
-def varying(records):
-  """The variant fields whose value differs between records (the report's columns)."""
-  keys = list(dict.fromkeys(k for r in records for k in r['variant']))
-  return [k for k in keys if len({repr(r['variant'].get(k)) for r in records}) > 1]
-
-
-def _label(variant, keys=None):
-  keys = keys if keys is not None else [k for k in ('subsampler', 'proxy_sign') if k in variant]
-  return ' '.join(_fmt_value(k, variant[k]) for k in keys if k in variant) or 'all'
-
-
-def aggregate(records, over):
-  """Mean and std of the metrics over the variant field `over` (seeds) or over categories
-  (over='category'): a list of (variant without it, {metric: (mean, std, count)})."""
-  groups = {}
-  for r in records:
-    key = tuple((k, v) for k, v in r['variant'].items() if k != over)
-    groups.setdefault(key, []).append(r)
-  out = []
-  for key, rs in groups.items():
-    stats = {}
-    for m in _METRICS + ('misclassified',):
-      values = [r[m] for r in rs if r.get(m) is not None]
-      if values:
-        stats[m] = (float(np.mean(values)), float(np.std(values)), len(values))
-    out.append((dict(key), stats))
-  return out
-
-
-def _table(records, keys):
-  approximate = any('recall_at_1' in r for r in records)
-  head = [k.replace('_', ' ') for k in keys] + [
-      'bank', 'image AUROC', 'pixel AUROC', 'AU-PRO', 'misclassified', 'bank usage',
-      'ms / image', 'subsample s', 'score s'] + (['recall@1', 'index s'] if approximate else [])
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  number = lambda r, field, fmt: format(r[field], fmt) if r.get(field) is not None else '-'
-  for r in records:
-    v = r['variant']
-    cells = [_fmt_value(k, v.get(k, '')) for k in keys] + [
-        number(r, 'memory_bank_size', ','), _pct(r['image_auroc']), _pct(r['pixel_auroc']),
-        _pct(r['au_pro']), str(r['misclassified']),
-        _pct(r['memory_bank_usage']) if r.get('memory_bank_usage') is not None else '-',
-        number(r, 'ms_per_image', '.1f'), number(r, 'subsample_seconds', '.1f'),
-        number(r, 'score_seconds', '.1f')]
-    if approximate:
-      cells += [number(r, 'recall_at_1', '.3f'), number(r, 'index_seconds', '.1f')]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return lines
-
-
-def _stats_table(groups, keys, title, *, total_misclassified=False):
-  """Mean ± std of the metrics per group; with `total_misclassified`, also the sum of the
-  misclassified counts (Table 1's last row, over categories)."""
-  head = [k.replace('_', ' ') for k in keys] + ['n', 'image AUROC', 'pixel AUROC', 'AU-PRO']
-  head += ['misclassified (total)'] if total_misclassified else []
-  lines = [title, '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  for variant, stats in groups:
-    cell = lambda m: (f'{100 * stats[m][0]:.2f} ± {100 * stats[m][1]:.2f}' if m in stats
-                      else 'n/a')
-    n = max((s[2] for s in stats.values()), default=0)
-    total = []
-    if total_misclassified:
-      mis = stats.get('misclassified')
-      total = [str(int(round(mis[0] * mis[2]))) if mis else 'n/a']
-    lines.append('| ' + ' | '.join([_fmt_value(k, variant.get(k, '')) for k in keys]
-                                   + [str(n)] + [cell(m) for m in _METRICS] + total) + ' |')
-  return lines + ['']
-
-
-def report(records, config, timings):
-  """report.md: a table per category (the variant fields that vary, the metrics, bank, usage,
-  time per image), means and stds over seeds and categories, the paper's statements."""
-  lines = [f'# Sweep: {config.backbone.name}, {config.data.name}', '']
-  keys = varying(records)
-  for name in dict.fromkeys(r['category'] for r in records):
-    rs = [r for r in records if r['category'] == name]
-    lines += [f'## {name}', ''] + _table(rs, keys) + ['']
-    t = timings.get(name, {})
-    for f in t.get('features', []):
-      lines.append(f'Features {f["feature_variant"]} (extracted once): {f["seconds"]:.1f} s, '
-                   f'{f["embed_ms_per_image"]:.1f} ms per test image, {f["bank_rows"]:,} bank '
-                   'rows.')
-    lines += [f'The whole category: {t.get("total_seconds", 0):.1f} s.', '']
-    if 'shot_seed' in keys:
-      lines += _stats_table(aggregate(rs, 'shot_seed'), [k for k in keys if k != 'shot_seed'],
-                            f'### {name}: mean ± std over {len(config.sweep.seeds)} seeds')
-  categories = list(dict.fromkeys(r['category'] for r in records))
-  if len(categories) > 1:
-    groups = aggregate([dict(r, variant=dict(r['variant'], category=r['category']))
-                        for r in records], 'category')
-    lines += _stats_table(groups, keys, f'## Mean ± std over {len(categories)} categories',
-                          total_misclassified=True)
-  lines += [f'Wall clock: {timings.get("wall_seconds", 0):.1f} s.', '', '## The paper', '']
-  lines += [f'- {line}' for line in PAPER.get(config.sweep.paper, [])] + ['']
-  return '\n'.join(lines)
-
-
-def _canvas(size, title):
-  image = Image.new('RGB', size, 'white')
-  draw = ImageDraw.Draw(image)
-  draw.text((60, 8), title, fill='black')
-  return image, draw
-
-
-_COLOURS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#e377c2',
-            '#7f7f7f', '#bcbd22', '#17becf']
-
-
-def plot(records, metric, *, size=(600, 380)):
-  """A PNG (numpy uint8) of `metric` against the first varying numeric variant field (the
-  percentage, patch size, stride, shots, image size; evenly spaced), a line per value of the
-  other varying fields; None when no record has the metric."""
-  records = [r for r in records if r.get(metric) is not None]
-  if not records:
-    return None
-  keys = varying(records)
-  axis = next((k for k in ('percentage', 'patch_size', 'stride', 'shots', 'image_size',
-                           'hierarchy', 'nprobe', 'k') if k in keys), None)
-  xs = sorted({r['variant'].get(axis) for r in records}, key=lambda v: (str(type(v)), v)) \
-      if axis else [None]
-  rest = [k for k in keys if k != axis and k != 'shot_seed']
-  points = {}
-  for r in records:
-    points.setdefault(_label(r['variant'], rest), {}).setdefault(
-        xs.index(r['variant'].get(axis)), []).append(r[metric])
-  w, h = size
-  left, right, top, bottom = 60, 170, 30, 40
-  ys = [np.mean(v) for pts in points.values() for v in pts.values()]
-  y0, y1 = min(ys), max(ys)
-  y0, y1 = (y0 - 0.01, y1 + 0.01) if y1 - y0 < 0.02 else (y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0))
-  px = lambda i: left + (i + 0.5) / len(xs) * (w - left - right)
-  py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
-  image, draw = _canvas(size, f'{metric} against {axis or "variant"}' + (
-      ' (mean over seeds)' if 'shot_seed' in keys else ''))
-  draw.rectangle([left, top, w - right, h - bottom], outline='black')
-  for i, x in enumerate(xs):
-    draw.line([px(i), h - bottom, px(i), h - bottom + 4], fill='black')
-    draw.text((px(i) - 14, h - bottom + 8), _fmt_value(axis, x) if axis else '', fill='black')
-  for frac in np.linspace(0, 1, 5):
-    y = y0 + frac * (y1 - y0)
-    draw.text((4, py(y) - 6), f'{y:.3f}', fill='black')
-  for j, (label, pts) in enumerate(sorted(points.items())):
-    colour = _COLOURS[j % len(_COLOURS)]
-    xy = [(px(i), py(float(np.mean(v)))) for i, v in sorted(pts.items())]
-    if len(xy) > 1:
-      draw.line(xy, fill=colour, width=2)
-    for x, y in xy:
-      draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    draw.text((w - right + 10, top + 16 * j), label[:26], fill=colour)
-  return np.asarray(image)
-
-
-def curve_plot(records, scores, labels, kind, *, size=(600, 420), max_lines=10):
-  """Image-level ROC (kind='roc') or precision-recall ('pr') curves of up to `max_lines`
-  variants of one category (Fig. S3), as a PNG (numpy uint8); None with one class only."""
-  labels = np.asarray(labels)
-  if labels.min() == labels.max():
-    return None
-  keys = varying(records) or ['subsampler']
-  w, h = size
-  left, right, top, bottom = 50, 200, 30, 40
-  px = lambda x: left + x * (w - left - right)
-  py = lambda y: h - bottom - y * (h - top - bottom)
-  title = 'ROC (image level)' if kind == 'roc' else 'precision-recall (image level)'
-  image, draw = _canvas(size, title)
-  draw.rectangle([left, top, w - right, h - bottom], outline='black')
-  for v in (0.0, 0.5, 1.0):
-    draw.text((px(v) - 8, h - bottom + 8), f'{v:g}', fill='black')
-    draw.text((8, py(v) - 6), f'{v:g}', fill='black')
-  draw.text((px(0.5) - 30, h - bottom + 22), 'FPR' if kind == 'roc' else 'recall', fill='black')
-  for j, (r, s) in enumerate(list(zip(records, scores))[:max_lines]):
-    if kind == 'roc':
-      x, y, _ = sk_metrics.roc_curve(labels, s)
-      value = f'AUROC {100 * r["image_auroc"]:.1f}'
-    else:
-      y, x, _ = sk_metrics.precision_recall_curve(labels, s)
-      value = f'AP {100 * sk_metrics.average_precision_score(labels, s):.1f}'
-    colour = _COLOURS[j % len(_COLOURS)]
-    draw.line([(px(a), py(b)) for a, b in zip(x, y)], fill=colour, width=2)
-    draw.text((w - right + 10, top + 16 * j), f'{_label(r["variant"], keys)[:18]} {value}',
-              fill=colour)
-  return np.asarray(image)

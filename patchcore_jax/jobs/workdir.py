@@ -1,6 +1,6 @@
 """The workdir contract: atomic files, one run per workdir, and a status that is written last.
 
-Every job (`experiment.run`, `predict_job.run`) claims its workdir first:
+Every job that writes outputs (experiment, predict, sweep) claims its workdir first:
   * a workdir holding another run's outputs is refused (a user error naming them), unless the
     config says `output.overwrite=True`, which removes those outputs (and nothing else: the
     generated demo data under `data/` stays);
@@ -8,8 +8,9 @@ Every job (`experiment.run`, `predict_job.run`) claims its workdir first:
     "host", "done": [...]}; each finished unit of work (a category) is appended to "done"; at the
     end "status" becomes "complete" (with "finished"), or "failed" (with "error") when the job
     raised. A run that was killed keeps "running": by the files alone it is not finished.
-  * every file is written under a temporary name and renamed into place (`write_json`,
-    `write_text`, `save_png`), so no file is ever half-written.
+  * every file is written under a temporary name and renamed into place (`files.write_json`,
+    `files.write_text`, `files.save_png`), so no file is ever half-written.
+The benchmark job claims nothing: its outputs are measurements, rewritten by every run.
 """
 import datetime
 import json
@@ -17,36 +18,14 @@ import os
 import shutil
 import socket
 
-from PIL import Image
-
 from patchcore_jax import errors
+from patchcore_jax.files import write_json
 
 STATUS = 'status.json'
 
 
 def _now():
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-
-
-def write_text(path, text):
-  """Writes `text` to `path` atomically (temporary name, then rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_json(path, value):
-  write_text(path, json.dumps(value, indent=2) + '\n')
-
-
-def save_png(path, array):
-  """Writes a uint8 image array as PNG atomically."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}.png'
-  Image.fromarray(array).save(tmp)
-  os.replace(tmp, path)
 
 
 def read_status(workdir):

@@ -29,19 +29,22 @@ import csv
 import dataclasses
 import glob
 import os
-import resource
 import time
 
 from absl import logging
 import numpy as np
 
 from patchcore_jax import errors
+from patchcore_jax import files
+from patchcore_jax import model as model_lib
 from patchcore_jax import patchcore
 from patchcore_jax import saving
+from patchcore_jax import stages
+from patchcore_jax import timing
 from patchcore_jax import visualize
-from patchcore_jax import workdir as workdir_lib
 from patchcore_jax.data import common as data_common
 from patchcore_jax.data import transforms
+from patchcore_jax.jobs import workdir as workdir_lib
 
 COLUMNS = ('path', 'score', 'normalized_score', 'anomalous', 'error')
 OUTPUTS = ('predictions.csv', 'summary.json', 'overlays', 'masks', 'maps')
@@ -84,7 +87,7 @@ def _load(path, image_config):
 
 
 def _peak_rss_mb():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  return timing.peak_rss_bytes() / 2**20
 
 
 def run(config, workdir):
@@ -102,7 +105,7 @@ def run(config, workdir):
     model = model.replace(settings=dataclasses.replace(model.settings,
                                                        batch_size=config.batch_size))
   if config.threshold >= 0:
-    model = patchcore.with_threshold(model, config.threshold)
+    model = model_lib.with_threshold(model, config.threshold)
   paths, base = resolve_images(config.images)
   if model.calibration.image_threshold is None:
     logging.warning('the model has no threshold (fitted without holdout or labelled test data): '
@@ -126,12 +129,12 @@ def _score_all(config, workdir, model, paths, base):
   logging.info('scoring %d images from %s with %s (memory bank %d, threshold %s from %s)',
                len(paths), config.images, config.model, model.memory_bank_size,
                cal.image_threshold, cal.image_threshold_source)
-  patchcore.precompile(model.backbone, settings, model.bank)
+  stages.precompile(model.backbone, settings, model.bank)
   start = time.perf_counter()
   scored = failed = 0
   compute_seconds = 0.0
   last_log = start
-  bar = patchcore.progress_bar(len(paths), 'predict', config.output.progress)
+  bar = timing.progress_bar(len(paths), 'predict', config.output.progress)
   with open(tmp_path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(COLUMNS)
@@ -142,9 +145,10 @@ def _score_all(config, workdir, model, paths, base):
       results = {}
       if ok:
         images = data_common.pad_batch([value[0] for _, value in ok], settings.batch_size)
-        scores, maps, _, seconds = next(patchcore.predict_batches(model, [(images, len(ok))]))
+        batch = data_common.Batch(images, len(ok))
+        scores, maps, _, seconds = patchcore.predict_batch(model, batch)
         compute_seconds += seconds
-        normalized, anomalous = patchcore.decide(model, scores)
+        normalized, anomalous = model_lib.decide(cal, scores)
         for i, (path, (image, size)) in enumerate(ok):
           results[path] = (scores[i], None if normalized is None else normalized[i],
                            None if anomalous is None else anomalous[i], maps[i], image, size)
@@ -181,7 +185,7 @@ def _score_all(config, workdir, model, paths, base):
       'pixel_threshold': cal.pixel_threshold,
       'exit_status': 0 if failed == 0 else 1,
   }
-  workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+  files.write_json(os.path.join(workdir, 'summary.json'), summary)
   logging.info('scored %d of %d images in %.1f s (%.1f images/s, %.1f ms compute per image), '
                '%d unreadable; peak RSS %.0f MB; %s', scored, len(paths), seconds,
                summary['images_per_second'], 1000 * summary['compute_seconds_per_image'], failed,
@@ -193,21 +197,18 @@ def _write_outputs(workdir, name, model, output, score, anomaly_map, image, size
   stem = os.path.splitext(name)[0]
   cal = model.calibration
   if output.save_maps:
-    path = os.path.join(workdir, 'maps', stem + '.npy')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path + '.tmp.npy', anomaly_map.astype(np.float32))
-    os.replace(path + '.tmp.npy', path)
+    files.save_npy(os.path.join(workdir, 'maps', stem + '.npy'), anomaly_map.astype(np.float32))
   if cal.image_threshold is None:
     return
   if output.overlays:
     vmin, vmax = cal.color_range
     lines, ticks = visualize.caption(name, score, cal)
-    workdir_lib.save_png(os.path.join(workdir, 'overlays', stem + '.png'), visualize.labelled_overlay(
+    files.save_png(os.path.join(workdir, 'overlays', stem + '.png'), visualize.labelled_overlay(
         image, anomaly_map, None, vmin=vmin, vmax=vmax, lines=lines, ticks=ticks))
   if output.masks:
     full = transforms.map_to_original(anomaly_map, size, **model.settings.image_config)
-    workdir_lib.save_png(os.path.join(workdir, 'masks', stem + '.png'),
-               np.where(full > cal.pixel_threshold, 255, 0).astype(np.uint8))
+    files.save_png(os.path.join(workdir, 'masks', stem + '.png'),
+                   np.where(full > cal.pixel_threshold, 255, 0).astype(np.uint8))
 
 
 def exit_status(summary):
