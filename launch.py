@@ -5,7 +5,12 @@ r"""Runs a job (patchcore_jax.jobs) as a config says: experiments, predictions, 
       --config.data.root=/path/to/mvtec_ad --workdir=workdirs/bottle
   python launch.py --config=configs/predict.py --config.model=workdirs/bottle/models/bottle \
       --config.images=/path/to/images --workdir=workdirs/predictions
+  python launch.py --config=configs/paper/table1_mvtec.py --config.data.root=/path/to/mvtec_ad \
+      --workdir=workdirs/table1
   python launch.py --config=configs/benchmark.py:backbone=wide_resnet50_2 --workdir=workdirs/bench
+
+Each config's docstring holds its exact command and expected result; configs/common.py documents
+every field, and any field can be overridden (--config.coreset.percentage=0.01).
 
 A user error (bad path, unreadable or edited file, bad config file, key or value) ends with one
 line, `error: <message>`, and exit status 2, without a traceback; the predict job exits 1 when

@@ -70,7 +70,7 @@ def get_base_config(backbone='efficientnet_lite2'):
   config.coreset.projection_dim = 128  # Johnson-Lindenstrauss projection for coreset distances.
   config.coreset.num_starts = 10  # Random points defining the initial distances.
   # A memory bank larger than this (GiB) streams to a temporary file while it is built: memory
-  # then holds its 128-d projection, one block and the selected rows (patchcore.DiskBank).
+  # then holds its 128-d projection, one block and the selected rows (memory_bank.DiskBank).
   config.coreset.memory_budget_gb = 8.0
   config.coreset.spill_dir = ''  # The file's folder ('': the system's temporary directory).
 
@@ -80,7 +80,7 @@ def get_base_config(backbone='efficientnet_lite2'):
   config.knn.block_size = 128
   config.knn.precision = 'highest'  # Matmul precision of the distances (default|high|highest).
   # k=1, banks of >= 4096 rows: screen the bank in bfloat16 and measure the few rows that could
-  # win in float32; exact; 1.35x the float32 scan's speed on the 10 % bottle bank (README).
+  # win in float32; exact; 1.35x the float32 scan's speed on the 10 % bottle bank (docs/benchmark.md).
   config.knn.screen = True
 
   config.scoring = ml_collections.ConfigDict()

@@ -7,7 +7,7 @@ with pixel masks) under <workdir>/data unless --config.data.root is given, then 
 EfficientNet-Lite2 (ImageNet weights from the installed package) with a 10 % coreset.
 Arguments: category (weave, tiles or weave+tiles), backbone, percentage.
 
-Expected (image AUROC / pixel AUROC / AU-PRO, measured on a 2-core CPU, see README):
+Expected (image AUROC / pixel AUROC / AU-PRO, measured on a 2-core CPU, see docs/results.md):
   weave 1.0000 / 0.9952 / 0.9847, tiles 1.0000 / 0.9971 / 0.9882; under a minute in all.
 """
 from configs import common

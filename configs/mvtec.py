@@ -6,7 +6,7 @@ r"""PatchCore on MVTec AD.
 Arguments (after the colon): category (any of the 15, '+'-joined, or 'all': those present), backbone (default
 efficientnet_lite2), percentage (coreset fraction, default 0.1).
 
-Expected on bottle (image AUROC / pixel AUROC / AU-PRO, measured on a 2-core CPU, see README):
+Expected on bottle (image AUROC / pixel AUROC / AU-PRO, measured on a 2-core CPU, see docs/results.md):
   backbone=vgg16,percentage=0.1               0.9952 / 0.9695 / 0.9044  (official: 0.9960 / 0.9696 / 0.9035)
   backbone=vgg16,percentage=0.01              0.9984 / 0.9659 / 0.8966  (official: 1.0000 / 0.9646 / 0.8951)
   backbone=efficientnet_lite2,percentage=0.1  1.0000 / 0.9867 / 0.9507  (official: 1.0000 / 0.9866 / 0.9498)
@@ -19,7 +19,7 @@ tfds.data_source): add --config.data.source=tfds [--config.data.tfds_data_dir=DI
   -> the same metrics and scores (measured: vgg16 at 0.1; building bottle took 0.95 s).
 On several devices: --config.devices=N (N | data.batch_size); several processes:
   --config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=P
-  --config.distributed.process_id=I (README, Scale).
+  --config.distributed.process_id=I (docs/scale.md).
 """
 from configs import common
 

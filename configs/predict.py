@@ -10,7 +10,7 @@ Exit status 0 when every image was scored, 1 when some could not be read.
 
 Expected: on MVTec bottle's test folder with the model saved by
 `configs/mvtec.py:category=bottle,backbone=efficientnet_lite2` the scores equal that run's
-scores/bottle.csv bit for bit (same batch size); see README "Keeping a model".
+scores/bottle.csv bit for bit (same batch size); see docs/deployment.md.
 """
 import ml_collections
 

@@ -45,8 +45,8 @@ def project(features, matrix, *, block_size=16384, pad_to=1):
   a multiple of `pad_to` (zero columns; `greedy_coreset_loop` takes them as padding).
 
   Works in row blocks taken straight from a host (numpy) bank, or anything that slices like one
-  (`patchcore.DiskBank`), so the full bank is never copied to the device; on CPU a 64-byte
-  aligned bank (`patchcore.empty_host_bank`) is not copied at all. Each block's product is
+  (`memory_bank.DiskBank`), so the full bank is never copied to the device; on CPU a 64-byte
+  aligned bank (`memory_bank.empty_host_bank`) is not copied at all. Each block's product is
   written into the preallocated output in place: memory holds the projection and one block.
   When N is not a multiple of the block size the last block starts earlier and only its new
   rows are written (one compilation of the block product).

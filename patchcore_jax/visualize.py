@@ -85,7 +85,7 @@ def labelled_overlay(image, anomaly_map, mask, *, vmin, vmax, lines, ticks=()):
 
 
 def caption(name, score, calibration):
-  """(caption lines, colour-bar ticks) of a labelled overlay, for a `patchcore.Calibration`."""
+  """(caption lines, colour-bar ticks) of a labelled overlay, for a `model.Calibration`."""
   threshold = calibration.image_threshold
   if threshold is None:
     return [name, f'score {format_value(score)} | no threshold'], ()

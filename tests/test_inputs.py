@@ -1,7 +1,7 @@
 """Hostile and broken inputs: every image format decodes as a person sees it, every broken file or
 config value is refused early with a message naming it, and workdirs never lie.
 
-Each test here backs a row of the README's "Inputs and errors" table.
+Each test here backs a row of the "Inputs and errors" table in docs/running.md.
 """
 import csv
 import json

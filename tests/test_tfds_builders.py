@@ -1,7 +1,6 @@
 """TFDS builders: the same samples, bytes, pixels and results as the folder loaders."""
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -13,9 +12,8 @@ from tests.conftest import write_tiny_folder as _folder
 
 
 def _data_config(name, root, data_dir, source='tfds', categories=()):
-  c = ml_collections.ConfigDict()
-  c.name, c.root, c.source, c.tfds_data_dir, c.categories = name, root, source, data_dir, categories
-  return c
+  return data.DataSpec(name=name, root=root, categories=tuple(categories), source=source,
+                       tfds_data_dir=data_dir)
 
 
 def _same_samples(tfds_split, folder_split):
@@ -45,11 +43,11 @@ def test_folder_dataset_has_the_same_samples_bytes_and_pixels(tmp_path):
   image_config = dict(resize=32, image_size=32, transform='resize_crop')
   loaded = [list(data.iterate_batches(s.test, batch_size=4, image_config=image_config,
                                       with_masks=True)) for s in (tfds_split, folder)]
-  for (images_a, masks_a, count_a), (images_b, masks_b, count_b) in zip(*loaded):
-    assert count_a == count_b
-    np.testing.assert_array_equal(images_a, images_b)
-    np.testing.assert_array_equal(masks_a, masks_b)
-  assert sum(m.sum() for _, m, _ in loaded[0]) > 0  # The masks came through.
+  for a, b in zip(*loaded):
+    assert a.count == b.count
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.masks, b.masks)
+  assert sum(b.masks.sum() for b in loaded[0]) > 0  # The masks came through.
   # Built once: a second call reads it (no build), also without the files' folder.
   again = data.get_splits(_data_config('folder', root, str(tmp_path / 'tfds')), info)['parts']
   assert info['parts']['build_seconds'] == 0.0

@@ -31,7 +31,7 @@ def set_paper(config, key):
 def sweep_base(args, *, percentages, paper, subsamplers=('greedy',)):
   """The unlocked config every MVTec paper sweep starts from: `args['backbone']`, the '+'-joined
   `args['category']` ('all': every category under data.root), the greedy coreset at
-  `percentages`, the paper's statements `paper` (sweep.PAPER) in report.md."""
+  `percentages`, the paper's statements of `paper` (statements.json) in report.md."""
   config = common.get_base_config(args['backbone'])
   config.job = 'sweep'
   config.data.name = 'mvtec'

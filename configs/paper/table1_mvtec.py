@@ -13,8 +13,7 @@ Arguments: category ('all': every category found under data.root; or '+'-joined 
 backbone.
 Paper (WideResNet-50, mean over 15 categories): image AUROC 99.1 / 99.0 / 99.0, pixel AUROC
   98.1 / 98.1 / 98.0, PRO 93.4 / 93.5 / 93.1 (25 / 10 / 1 %); bottle 10 %: 100.0 / 98.6 / 96.1.
-Ours, bottle (image AUROC / pixel AUROC / AU-PRO; misclassified), 2-core CPU (README "Paper
-experiments"):
+Ours, bottle (image AUROC / pixel AUROC / AU-PRO; misclassified), 2-core CPU (docs/paper.md):
   backbone=efficientnet_lite2  25 %: 100.00 / 98.69 / 95.25 (0); 10 %: 100.00 / 98.67 / 95.07
     (0); 1 %: 100.00 / 98.51 / 94.95 (0); 1 min 55 s
   backbone=vgg16               25 %: 99.60 / 96.94 / 90.40 (2); 10 %: 99.52 / 96.95 / 90.44 (2);

@@ -17,7 +17,7 @@ percentage.
 Paper: larger images and ensembles raise MVTec image AUROC; the WideResNet-101 + ResNeXt-101 +
   DenseNet-201 ensemble reaches 99.6 (mean over 15 categories).
 Ours on bottle, EfficientNet-Lite2 unless named, PatchCore-1 % (image AUROC / pixel AUROC / AU-PRO,
-2-core CPU; README "Paper experiments"):
+2-core CPU; docs/paper.md):
   part=resolution   224: 100.00 / 98.51 / 94.95; 280: 100.00 / 98.52 / 95.77; 320: 100.00 / 98.38 /
                     95.65 (1 min 24 s)
   part=hierarchies  2+3: 100.00 / 98.51 / 94.95; 1+2+3: 99.92 / 98.20 / 95.18 (1 min 34 s)

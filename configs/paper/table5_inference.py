@@ -16,7 +16,7 @@ Paper: PatchCore-10 % takes 0.22 s per image (its GPU); 100 % + IVFPQ loses abou
 Ours on bottle, EfficientNet-Lite2, 2-core CPU (ms per image; image AUROC / pixel AUROC / AU-PRO):
   100 % 1574 ms, 100.00 / 98.65 / 95.27; 10 % 100 ms, 100.00 / 98.67 / 95.07; 1 % 42 ms, 100.00 /
   98.51 / 94.95; 100 % + IVF-PQ nprobe 1: 98 ms, 100.00 / 98.62 / 95.18, recall@1 0.462; nprobe 8:
-  831 ms, recall@1 0.485 (index built in 35 s); 5 min 12 s in all (README "Paper experiments").
+  831 ms, recall@1 0.485 (index built in 35 s); 5 min 12 s in all (docs/paper.md).
 """
 from configs import common
 from configs.paper import sweep_base

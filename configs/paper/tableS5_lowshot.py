@@ -12,7 +12,7 @@ Arguments: category, backbone, percentage, seeds (the number of seeds: 0 .. seed
 Paper: supplementary Table S5 (mean over the 15 categories, WideResNet-50).
 Ours on bottle, EfficientNet-Lite2, 2-core CPU, image AUROC mean ± std over 3 seeds: 1 shot
   97.46 ± 1.36, 2: 99.63 ± 0.20, 5 and more: 100.00 ± 0.00 (AU-PRO 88.14 ± 1.28 at 1 shot, 94.65
-  at 5, 95.16 at 16); 1 min 44 s for the 21 runs (README "Paper experiments").
+  at 5, 95.16 at 16); 1 min 44 s for the 21 runs (docs/paper.md).
 """
 from configs import common
 from configs.paper import sweep_base

@@ -210,10 +210,10 @@ def _categories(experiment, splits, no_masks, backbone, workdir, mesh, data_info
   return results
 
 
-def _run_secondary(config):
+def _run_secondary(config, workdir):
   """Process p > 0 of a multi-process job: the same work, no outputs (process 0 writes them);
   its logs name its share. Returns the results as process 0 computed them."""
-  experiment = config_lib.read_experiment(config)
+  experiment = config_lib.read_experiment(config, workdir)  # Generated data: <workdir>/data.
   multihost_utils.sync_global_devices('data ready')  # Process 0 has built any TFDS dataset.
   splits = data_lib.get_splits(experiment.data)
   backbone = config_lib.load_backbone(experiment.backbone,
@@ -235,7 +235,7 @@ def run(config, workdir):
   """
   config_lib.join_processes(config)  # Before any device is used.
   if jax.process_index() != 0:
-    return _run_secondary(config)
+    return _run_secondary(config, workdir)
   experiment = config_lib.read_experiment(config, workdir)
   data_info = {}
   try:

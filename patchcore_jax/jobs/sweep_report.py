@@ -48,7 +48,8 @@ def aggregate(records, over):
   return out
 
 
-def _table(records, keys):
+def variant_table(records, keys):
+  """Markdown lines: a row per record, the `keys` columns and the metrics, bank, usage, times."""
   approximate = any('recall_at_1' in r for r in records)
   head = [k.replace('_', ' ') for k in keys] + [
       'bank', 'image AUROC', 'pixel AUROC', 'AU-PRO', 'misclassified', 'bank usage',
@@ -69,7 +70,7 @@ def _table(records, keys):
   return lines
 
 
-def _stats_table(groups, keys, title, *, total_misclassified=False):
+def stats_table(groups, keys, title, *, total_misclassified=False):
   """Mean ± std of the metrics per group; with `total_misclassified`, also the sum of the
   misclassified counts (Table 1's last row, over categories)."""
   head = [k.replace('_', ' ') for k in keys] + ['n', 'image AUROC', 'pixel AUROC', 'AU-PRO']
@@ -95,7 +96,7 @@ def report(records, config, timings):
   keys = varying(records)
   for name in dict.fromkeys(r['category'] for r in records):
     rs = [r for r in records if r['category'] == name]
-    lines += [f'## {name}', ''] + _table(rs, keys) + ['']
+    lines += [f'## {name}', ''] + variant_table(rs, keys) + ['']
     t = timings.get(name, {})
     for f in t.get('features', []):
       lines.append(f'Features {f["feature_variant"]} (extracted once): {f["seconds"]:.1f} s, '
@@ -103,13 +104,13 @@ def report(records, config, timings):
                    'rows.')
     lines += [f'The whole category: {t.get("total_seconds", 0):.1f} s.', '']
     if 'shot_seed' in keys:
-      lines += _stats_table(aggregate(rs, 'shot_seed'), [k for k in keys if k != 'shot_seed'],
+      lines += stats_table(aggregate(rs, 'shot_seed'), [k for k in keys if k != 'shot_seed'],
                             f'### {name}: mean ± std over {len(config.sweep.seeds)} seeds')
   categories = list(dict.fromkeys(r['category'] for r in records))
   if len(categories) > 1:
     groups = aggregate([dict(r, variant=dict(r['variant'], category=r['category']))
                         for r in records], 'category')
-    lines += _stats_table(groups, keys, f'## Mean ± std over {len(categories)} categories',
+    lines += stats_table(groups, keys, f'## Mean ± std over {len(categories)} categories',
                           total_misclassified=True)
   lines += [f'Wall clock: {timings.get("wall_seconds", 0):.1f} s.', '', '## The paper', '']
   lines += [f'- {line}' for line in config.sweep.paper_statements] + ['']
