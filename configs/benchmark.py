@@ -13,8 +13,8 @@ and with a dataset root the whole experiment runs once and reports where its wal
 (vgg16 and efficientnet_lite2 have installable weights; ResNets need a checkpoint):
   --config.end_to_end.data.root=$R   (MVTec bottle, this backbone, 10 %)
 
-Expected on a 2-core AMD EPYC (AVX-512), JAX 0.10.2 CPU, wide_resnet50_2: the table in
-docs/benchmark.md (measured with this config).
+Expected (wide_resnet50_2): the table in docs/benchmark.md, generated from the run recorded with
+this config (its run.json names the machine and date).
 """
 import ml_collections
 

@@ -71,15 +71,15 @@ def record(name, command):
   os.makedirs(out)
   for kept in KEPT:
     path = os.path.join(workdir, kept)
-    names = ([os.path.join(kept, n) for n in sorted(os.listdir(path))] if os.path.isdir(path)
+    files = ([os.path.join(kept, n) for n in sorted(os.listdir(path))] if os.path.isdir(path)
              else [kept] if os.path.isfile(path) else [])
-    for name in names:
-      with open(os.path.join(workdir, name), newline='') as f:  # Line endings as written.
+    for file in files:
+      with open(os.path.join(workdir, file), newline='') as f:  # Line endings as written.
         content = f.read()
       for old, new in replacements:
         content = content.replace(old, new)
-      os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
-      with open(os.path.join(out, name), 'w', newline='') as f:
+      os.makedirs(os.path.dirname(os.path.join(out, file)), exist_ok=True)
+      with open(os.path.join(out, file), 'w', newline='') as f:
         f.write(content)
   for old, new in replacements[:2]:
     text = text.replace(old, new)

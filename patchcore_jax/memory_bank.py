@@ -5,8 +5,8 @@ subsampling it to a coreset.
   prepared, indices = subsample(bank, percentage=0.1, key=key)   # knn.Bank of the coreset
 
 `coreset.coreset_size` is the one rule for how many rows a percentage keeps. A host (numpy)
-bank stays on the host: only its projection and the selected rows go to the device, so memory holds one
-full-precision copy of the bank plus its projection. A bank larger than a memory budget streams
+bank stays on the host: only its projection and the selected rows go to the device, so memory
+holds one full-precision copy of the bank plus its projection. A bank larger than a memory budget streams
 to an unlinked temporary file (`DiskBank`): memory then holds its projection, one block and the
 selected rows.
 """

@@ -1,4 +1,4 @@
-"""The quickstart notebook runs top to bottom (the README's Python example: tests/test_layout.py)."""
+"""The quickstart notebook runs top to bottom (the README's example: tests/test_layout.py)."""
 import os
 import re
 
