@@ -160,15 +160,16 @@ def results():
   return '\n'.join(lines)
 
 
+def _command_lines(names):
+  """An indented command line per recorded run of `names`, with its name, date and commit."""
+  return [f'    {run["command"]}  # {name}: {_recorded(name)}' for name in names
+          for run in [_load(name, 'run.json')] if run]
+
+
 @table
 def commands():
   """The recorded experiments' commands, with their date and commit."""
-  lines = []
-  for name, *_ in RESULT_ROWS:
-    run = _load(name, 'run.json')
-    if run:
-      lines.append(f'    {run["command"]}  # {name}: {_recorded(name)}')
-  return '\n'.join(lines)
+  return '\n'.join(_command_lines(name for name, *_ in RESULT_ROWS))
 
 
 @table
@@ -238,10 +239,7 @@ def deployment():
                  f'(F1 {r["image_f1"]:.3f}, {r["misclassified"]} misclassified), pixel '
                  f'{r["f1_pixel_threshold"]:,.1f} |')
   lines += ['', 'Commands:', '']
-  for name in ('bottle_lite2_10', 'bottle_lite2_predict', 'bottle_lite2_holdout'):
-    run = _load(name, 'run.json')
-    if run:
-      lines.append(f'    {run["command"]}  # {_recorded(name)}')
+  lines += _command_lines(('bottle_lite2_10', 'bottle_lite2_predict', 'bottle_lite2_holdout'))
   return '\n'.join(lines)
 
 
@@ -341,10 +339,8 @@ def paper():
 _BLOCK = re.compile(r'(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)', re.S)
 
 
-def rewrite(path):
-  """Regenerates every table block of one Markdown file; returns the names it rewrote."""
-  with open(path) as f:
-    text = f.read()
+def render(text, path='text'):
+  """(`text` with every table block regenerated, the names of the blocks)."""
   names = []
 
   def fill(match):
@@ -354,7 +350,20 @@ def rewrite(path):
     names.append(name)
     return match.group(1) + TABLES[name]().rstrip('\n') + '\n' + match.group(4)
 
-  new = _BLOCK.sub(fill, text)
+  return _BLOCK.sub(fill, text), names
+
+
+def markdown_files():
+  """README.md and docs/*.md."""
+  return [os.path.join(ROOT, 'README.md')] + sorted(
+      os.path.join(DOCS, n) for n in os.listdir(DOCS) if n.endswith('.md'))
+
+
+def rewrite(path):
+  """Regenerates every table block of one Markdown file; returns the names it rewrote."""
+  with open(path) as f:
+    text = f.read()
+  new, names = render(text, path)
   if new != text:
     with open(path, 'w') as f:
       f.write(new)
@@ -362,9 +371,7 @@ def rewrite(path):
 
 
 def rewrite_all():
-  paths = [os.path.join(ROOT, 'README.md')] + sorted(
-      os.path.join(DOCS, n) for n in os.listdir(DOCS) if n.endswith('.md'))
-  for path in paths:
+  for path in markdown_files():
     names = rewrite(path)
     if names:
       print(f'{os.path.relpath(path, ROOT)}: {", ".join(names)}')

@@ -15,7 +15,8 @@ Arguments: category (MVTec; '+'-joined for several), backbone, proxy_steps, prox
 Measured on bottle, EfficientNet-Lite2, 2-core CPU (docs/paper.md): image AUROC
   at 25 / 10 / 1 / 0.1 %: greedy 1.0000 / 1.0000 / 1.0000 / 0.9976, random 1.0000 / 1.0000 /
   1.0000 / 0.9603, proxies (softmin) 1.0000 / 1.0000 / 0.9992 / 0.8675; bank usage 29.3 % at
-  100 %, 96.3 % for the 1 % coreset (paper: < 30 %, ~95 %); 16 min 48 s for all 17 variants.
+  100 %, 96.3 % for the 1 % coreset (paper: < 30 %, ~95 %); all 17 variants in one process (time:
+  docs/paper.md).
 """
 from configs import common
 from configs.paper import sweep_base
