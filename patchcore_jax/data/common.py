@@ -115,6 +115,12 @@ def _read_header(sample, path):
     return f'has no pixels ({size[0]} x {size[1]})', None
   if _truncated(file, path):
     return 'truncated (the file ends before its closing marker)', None
+  try:
+    problem = transforms.nonfinite_problem(file)  # Decodes float images only.
+  except Exception as error:  # pylint: disable=broad-except
+    problem = f'not a readable image ({type(error).__name__}: {error})'
+  if problem:
+    return problem, None
   return None, size
 
 
@@ -122,7 +128,7 @@ def check_split(split, *, max_listed=20):
   """Checks every file of `split` before any work, from headers alone (milliseconds per file).
 
   Raises errors.UserError listing each image or mask that cannot be read (empty, not an image,
-  truncated, too many pixels) and each mask whose size differs from its image's.
+  truncated, too many pixels, NaN or infinite pixels in a float image) and each mask whose size differs from its image's.
   Returns:
     The defective test samples without a mask when other defective samples have one: they are
     excluded from pixel metrics (a warning names them); [] otherwise.

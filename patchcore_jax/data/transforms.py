@@ -14,6 +14,8 @@ Decoding rules (`to_8bit_rgb`), so that every file means what a person viewing i
   * 32-bit integer ('I') outside 0..65535, and 32-bit float ('F', e.g. TIFF): values already in
     [0, 1] are taken as they are; anything else is min-max scaled to [0, 1] with a warning that
     names the file (a constant image becomes black).
+  * A float image holding NaN or infinite pixels is refused (`NonFiniteImage`, naming the file
+    and how many pixels): no value would say what the camera saw there.
   * Images declaring more pixels than PIL's limit (`Image.MAX_IMAGE_PIXELS`, ~89 M; a
     "decompression bomb") are refused before decoding, with an error naming the file.
 """
@@ -90,6 +92,32 @@ class ImageTooLarge(ValueError):
   """An image declares more pixels than PIL's decompression-bomb limit."""
 
 
+class NonFiniteImage(ValueError):
+  """A float image holds NaN or infinite pixels."""
+
+
+def _check_finite(values, path):
+  finite = np.isfinite(values)
+  if not finite.all():
+    bad = values[~finite]
+    raise NonFiniteImage(
+        f'{_name(path)}: {bad.size} of {values.size} pixels are not finite ({int(np.isnan(bad).sum())} '
+        f'NaN, {int(np.isinf(bad).sum())} infinite): refusing to score it')
+
+
+def nonfinite_problem(path):
+  """None, or what is wrong with a float image (mode 'F') holding NaN or infinite pixels.
+  Decodes float images only; any other mode cannot hold them and is not decoded."""
+  with open_image(path) as img:
+    if img.mode != 'F':
+      return None
+    try:
+      _check_finite(np.asarray(img, np.float64), path)
+    except NonFiniteImage as error:
+      return str(error).split(': ', 1)[1]
+  return None
+
+
 def _name(file):
   return getattr(file, 'name', file)
 
@@ -113,6 +141,7 @@ def to_8bit(img, path=''):
     values = np.asarray(img, np.float64) / 65535.0
   elif mode in ('I', 'F'):
     values = np.asarray(img, np.float64)
+    _check_finite(values, path)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if mode == 'I' and low >= 0 and high <= 65535:
       values = values / 65535.0
