@@ -14,7 +14,8 @@ every field, and any field can be overridden (--config.coreset.percentage=0.01).
 
 A user error (bad path, unreadable or edited file, bad config file, key or value) ends with one
 line, `error: <message>`, and exit status 2, without a traceback; the predict job exits 1 when
-some images could not be read.
+some images could not be read. SIGTERM / SIGINT stop a job cleanly (status.json 'interrupted')
+with exit status 143 / 130.
 """
 import sys
 
@@ -27,6 +28,7 @@ from ml_collections import config_flags
 from patchcore_jax import errors
 from patchcore_jax import jobs
 from patchcore_jax.jobs import config as config_lib
+from patchcore_jax.jobs import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
@@ -78,6 +80,9 @@ def main(argv):
   except errors.UserError as error:
     logging.error('%s', error)
     _user_error(error)
+  except workdir_lib.Interrupted as error:
+    print(error, file=sys.stderr)
+    sys.exit(error.exit_status)
   sys.exit(jobs.exit_status(config, result))
 
 

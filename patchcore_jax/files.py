@@ -14,17 +14,40 @@ import numpy as np
 from PIL import Image
 
 
-def _temporary(path, suffix=''):
+@contextlib.contextmanager
+def _replacing(path, suffix=''):
+  """Yields a temporary name beside `path` and renames it onto `path` when the block succeeds;
+  on any failure (a full disk, an interrupt) the temporary file is removed."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  return f'{path}.tmp-{os.getpid()}{suffix}'
+  tmp = f'{path}.tmp-{os.getpid()}{suffix}'
+  try:
+    with naming_errors(path):
+      yield tmp
+      os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def naming_errors(path):
+  """An OSError without a file name (a `write` that found the disk full) raised in the block
+  names `path`, so that the message says which output could not be written."""
+  try:
+    yield
+  except OSError as error:
+    if error.filename is not None or error.errno is None:
+      raise
+    raise type(error)(error.errno, error.strerror, path) from error
 
 
 def write_text(path, text):
-  """Writes `text` to `path` atomically."""
-  tmp = _temporary(path)
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Writes `text` to `path` atomically (UTF-8; lone surrogates from file names are written back
+  as the bytes they stand for)."""
+  with _replacing(path) as tmp:
+    with open(tmp, 'w', encoding='utf-8', errors='surrogateescape') as f:
+      f.write(text)
 
 
 def write_json(path, value):
@@ -33,16 +56,14 @@ def write_json(path, value):
 
 def save_png(path, array):
   """Writes a uint8 image array as PNG atomically."""
-  tmp = _temporary(path, '.png')
-  Image.fromarray(array).save(tmp)
-  os.replace(tmp, path)
+  with _replacing(path, '.png') as tmp:
+    Image.fromarray(array).save(tmp)
 
 
 def save_npy(path, array):
   """Writes a numpy array as .npy atomically."""
-  tmp = _temporary(path, '.npy')
-  np.save(tmp, array)
-  os.replace(tmp, path)
+  with _replacing(path, '.npy') as tmp:
+    np.save(tmp, array)
 
 
 @contextlib.contextmanager

@@ -587,17 +587,15 @@ def run(config, workdir):
     if config.sweep.shots and max(config.sweep.shots) > len(split.train):
       raise errors.UserError(f'config.sweep.shots={tuple(config.sweep.shots)!r}: {name} has only '
                              f'{len(split.train)} training images')
-  status = workdir_lib.claim(workdir, job='sweep', outputs=OUTPUTS,
-                             overwrite=config.output.overwrite)
-  try:
-    files.write_text(os.path.join(workdir, 'config.json'),
-                           config.to_json_best_effort(indent=2))
+  with workdir_lib.running(workdir, job='sweep', outputs=OUTPUTS,
+                          overwrite=config.output.overwrite) as run_status:
+    files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
     records, timings, loaded = [], {}, {}
     start = time.perf_counter()
     for i, (name, split) in enumerate(splits.items()):
       key = jax.random.fold_in(jax.random.key(config.seed), i)
       _category(config, name, split, settings, key, workdir, records, timings, loaded)
-      workdir_lib.mark_done(workdir, status, name)
+      run_status.mark_done(name)
     timings['wall_seconds'] = time.perf_counter() - start
     files.write_json(os.path.join(workdir, 'timings.json'), timings)
     files.write_text(os.path.join(workdir, 'report.md'),
@@ -607,8 +605,4 @@ def run(config, workdir):
         image = sweep_report.plot([r for r in records if r['category'] == name], metric)
         if image is not None:
           files.save_png(os.path.join(workdir, 'plots', f'{name}_{metric}.png'), image)
-  except BaseException as error:
-    workdir_lib.finish(workdir, status, error=error)
-    raise
-  workdir_lib.finish(workdir, status)
   return records
