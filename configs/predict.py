@@ -6,7 +6,9 @@ r"""Scores new images with a saved model: scores, OK/defect decisions, overlays 
 `images`: a folder (recursive), a glob ('/data/*/test/*.png', quoted), a text file with one path
 per line, or one image. Outputs (see patchcore_jax/jobs/predict.py): predictions.csv with
 path,score,normalized_score,anomalous,error; overlays/, masks/ (original resolution), summary.json.
-Exit status 0 when every image was scored, 1 when some could not be read.
+Exit status 0 when every image was scored, 1 when some could not be read, 143 / 130 when SIGTERM /
+SIGINT stopped it (the finished batches are in predictions.csv; `--config.resume=True` with the same
+workdir continues it).
 
 Expected: on MVTec bottle's test folder with the model saved by
 `configs/mvtec.py:category=bottle,backbone=efficientnet_lite2` the scores equal that run's
@@ -26,6 +28,9 @@ def get_config(arg=None):
   config.threshold = -1.0  # >= 0: use this image (and pixel) threshold instead of the model's.
   config.checkpoint = ''  # The backbone's weights file, if the one recorded in the model moved.
   config.cache_dir = ''  # Converted backbone weights ('' -> $PATCHCORE_JAX_CACHE or ~/.cache).
+  # Continue an interrupted run in the same workdir (same model, images and outputs): images
+  # already in its predictions.csv are skipped, the rest appended.
+  config.resume = False
   config.output = ml_collections.ConfigDict()
   config.output.overlays = True  # Labelled overlay PNG per image.
   config.output.masks = True  # Binary defect mask PNG per image, at the original resolution.

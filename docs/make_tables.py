@@ -30,7 +30,7 @@ ROOT = os.path.dirname(DOCS)
 sys.path.insert(0, ROOT)  # The tables of benchmarks and sweeps use the package's own renderers.
 RESULTS = os.path.join(DOCS, 'results')
 KEPT = ('results.json', 'config.json', 'summary.json', 'benchmark.json', 'sweep.json',
-        'timings.json', 'scale.json', 'predictions.csv', 'scores')
+        'timings.json', 'scale.json', 'predictions.csv', 'scores', 'soak.json')
 
 
 def _machine():

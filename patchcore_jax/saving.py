@@ -34,7 +34,7 @@ FORMAT = 'patchcore-jax-model'
 FORMAT_VERSION = 1
 _BANK = 'bank.npz'
 _BACKBONE = 'backbone.npz'
-_MODEL = 'model.json'
+MODEL_FILE = 'model.json'
 
 
 def _unfolded_variables(backbone):
@@ -89,14 +89,14 @@ def save(model, directory, *, include_backbone=False, backbone=None, overwrite=T
         'memory_bank_size': model.bank.size,
         'arrays': arrays,
     }
-    with open(os.path.join(tmp, _MODEL), 'w') as f:
+    with open(os.path.join(tmp, MODEL_FILE), 'w') as f:
       json.dump(record, f, indent=2)
   return directory
 
 
 def read_record(directory):
   """model.json of a model directory, checked for format and version (errors.UserError)."""
-  path = os.path.join(directory, _MODEL)
+  path = os.path.join(directory, MODEL_FILE)
   if not os.path.isdir(directory):
     raise errors.UserError(f'no model directory at {directory}')
   if not os.path.isfile(path):
@@ -152,12 +152,12 @@ def _load_backbone(directory, record, *, checkpoint, cache_dir):
                                              cache_dir=cache_dir, random_seed=seed, fold=False)
     except FileNotFoundError as error:
       raise errors.UserError(
-          f'{os.path.join(directory, _MODEL)} needs the {name} weights with sha256 {expected}: '
+          f'{os.path.join(directory, MODEL_FILE)} needs the {name} weights with sha256 {expected}: '
           f'{error}') from error
     source = checkpoint or ('random weights, seed %s' % seed if seed is not None else name)
   if backbone.weights_sha256 != expected:
     raise errors.UserError(
-        f'{os.path.join(directory, _MODEL)} was fitted with {name} weights of sha256 {expected}, '
+        f'{os.path.join(directory, MODEL_FILE)} was fitted with {name} weights of sha256 {expected}, '
         f'but {source} has sha256 {backbone.weights_sha256}: scores would not be comparable. '
         'Pass the original weights file (checkpoint=...), or refit.')
   return backbones_lib.prepare(backbone, image_size=record['settings']['image_size'],
@@ -182,7 +182,7 @@ def load(directory, *, checkpoint='', cache_dir=''):
   record = read_record(directory)
   arrays = record.get('arrays', {})
   if _BANK not in arrays:
-    raise errors.UserError(f'{os.path.join(directory, _MODEL)} lists no {_BANK}')
+    raise errors.UserError(f'{os.path.join(directory, MODEL_FILE)} lists no {_BANK}')
   features = _read_arrays(directory, _BANK, arrays[_BANK]).get('features')
   if features is None or features.ndim != 2 or features.dtype != np.float32:
     raise errors.UserError(f'{os.path.join(directory, _BANK)} holds no float32 [M, D] features')
@@ -190,7 +190,7 @@ def load(directory, *, checkpoint='', cache_dir=''):
     settings = model_lib.Settings(**record['settings'])
     calibration = model_lib.Calibration.from_dict(record.get('calibration', {}))
   except (TypeError, KeyError) as error:
-    raise errors.UserError(f'{os.path.join(directory, _MODEL)}: bad settings ({error})') from error
+    raise errors.UserError(f'{os.path.join(directory, MODEL_FILE)}: bad settings ({error})') from error
   backbone = _load_backbone(directory, record, checkpoint=checkpoint, cache_dir=cache_dir)
   bank = knn.prepare_bank(features, block_size=settings.block_size, screen=settings.screen)
   return model_lib.PatchCore(backbone=backbone, bank=bank, settings=settings,
