@@ -29,17 +29,55 @@ from patchcore_jax.data import common as data_common
 from patchcore_jax.data import transforms
 
 
-def metric_record(labels, image_scores, masks=None, maps=None):
-  """{'image_auroc', 'pixel_auroc', 'au_pro'}: the pixel metrics None without `masks`.
+def metric_record(labels, image_scores, masks=None, maps=None, *, transform=None):
+  """{'image_auroc', 'pixel_auroc', 'au_pro'}: the pixel metrics None without `masks`; with a
+  'metric_notes' {metric: why it is None} wherever one could not be computed.
 
-  labels [n] 0/1, image_scores [n], masks [n, S, S] bool, maps [n, S, S].
+  labels [n] 0/1, image_scores [n], masks [n, S, S] bool, maps [n, S, S]. `transform`: how the
+  masks were cut to the network input ('resize 256, centre crop 224'), for the notes.
   """
   has_masks = masks is not None
-  return {
+  record = {
       'image_auroc': metrics.image_auroc(labels, image_scores),
       'pixel_auroc': metrics.pixel_auroc(masks, maps) if has_masks else None,
       'au_pro': metrics.au_pro(masks, maps) if has_masks else None,
   }
+  notes = unavailable_metrics(labels, masks, transform=transform)
+  notes = {k: v for k, v in notes.items() if record[k] is None}
+  if notes:
+    record['metric_notes'] = notes
+  return record
+
+
+def unavailable_metrics(labels, masks=None, *, transform=None):
+  """{metric: why it cannot be computed} for test data with these labels and masks."""
+  notes = {}
+  labels = np.asarray(labels)
+  if labels.size == 0:
+    notes['image_auroc'] = 'there are no test images'
+  elif labels.min() == labels.max():
+    notes['image_auroc'] = (f'every test image is {"defective" if labels[0] else "good"}: image '
+                            'AUROC needs both good and defective images')
+  if masks is None:
+    why = 'the test data has no ground-truth masks'
+    notes.update(pixel_auroc=why, au_pro=why)
+    return notes
+  masks = np.asarray(masks)
+  if not masks.any():
+    cut = f' after the image transform ({transform})' if transform else ''
+    why = (f'no test mask has a defective pixel{cut}: pixel AUROC and AU-PRO need defective '
+           'pixels' + (' (the defects lie outside the inspected region?)' if transform else ''))
+    notes.update(pixel_auroc=why, au_pro=why)
+  elif masks.all():
+    notes['pixel_auroc'] = 'every test pixel is defective: pixel AUROC needs good pixels too'
+  return notes
+
+
+def describe_transform(image_config):
+  """'resize 256, centre crop 224' or 'resize to 224 x 224' for `Settings.image_config`."""
+  if image_config.get('transform') == 'resize':
+    return f'resize to {image_config["image_size"]} x {image_config["image_size"]}'
+  return f'resize {image_config["resize"]}, centre crop {image_config["image_size"]}'
 
 
 def test_thresholds(labels, image_scores, masks=None, maps=None):

@@ -7,10 +7,12 @@ thresholds of the labelled test data (and the held-out good images when `calibra
 
 Before any work the whole config is read and checked (`config.read_experiment`), every image
 and mask file is checked from its header (`data.check_split`), and the workdir is claimed
-(`workdir.claim`: a workdir holding another run's outputs is refused unless `output.overwrite`).
+(`workdir.running`: a workdir holding another run's outputs is refused unless
+`output.overwrite`; SIGTERM/SIGINT leave the status 'interrupted', exit 143/130).
 
 Writes into `workdir` (every file atomically):
-  status.json                  'running' until the end, then 'complete' (or 'failed' + error);
+  status.json                  'running' until the end, then 'complete', 'interrupted' (+ the
+                               signal) or 'failed' (+ error);
                                the categories done so far
   config.json                  the full config
   results.json                 {category: {image_auroc, pixel_auroc, au_pro, memory_bank_size,
@@ -117,7 +119,9 @@ def run_category(experiment, backbone, split, workdir, key, no_mask=(), mesh=Non
                                                                  test_thresholds))
   cal = model.calibration
   result = {
-      **evaluation.metric_record(labels, image_scores, pixel_masks, pixel_maps),
+      **evaluation.metric_record(
+          labels, image_scores, pixel_masks, pixel_maps,
+          transform=evaluation.describe_transform(settings.image_config)),
       'memory_bank_size': model.memory_bank_size,
       'fit_seconds': info['fit_seconds'],
       'inference_seconds_per_image': inference_seconds / n_test,
@@ -138,6 +142,8 @@ def run_category(experiment, backbone, split, workdir, key, no_mask=(), mesh=Non
       **test_thresholds,
   }
   metrics_seconds = time.perf_counter() - metrics_start
+  for metric, why in result.get('metric_notes', {}).items():
+    logging.warning('[%s] %s is n/a: %s', split.name, metric, why)
   if cal.image_threshold is not None:
     decided = image_scores > cal.image_threshold
     good, bad = labels == 0, labels == 1
@@ -190,11 +196,15 @@ def results_table(results):
                  f'{_fmt(r["au_pro"])} | {r.get("misclassified", "n/a")} | '
                  f'{r["memory_bank_size"]:,} | {r["fit_seconds"]:.1f} | '
                  f'{1000 * r["inference_seconds_per_image"]:.1f} |')
+  notes = [f'- {name}, {metric}: {why}' for name, r in results.items()
+           for metric, why in r.get('metric_notes', {}).items()]
+  if notes:
+    lines += ['', 'n/a:', *notes]
   return '\n'.join(lines)
 
 
 def _categories(experiment, splits, no_masks, backbone, workdir, mesh, data_info=None,
-                status=None):
+                run_status=None):
   """run_category on every split; with a `workdir`, results.json after each category."""
   results = {}
   for i, (name, split) in enumerate(splits.items()):
@@ -206,7 +216,7 @@ def _categories(experiment, splits, no_masks, backbone, workdir, mesh, data_info
     if name in (data_info or {}):  # TFDS: the dataset read and what building it cost.
       results[name]['data'] = data_info[name]
     files.write_json(os.path.join(workdir, 'results.json'), results)
-    workdir_lib.mark_done(workdir, status, name)
+    run_status.mark_done(name)
   return results
 
 
@@ -249,9 +259,8 @@ def run(config, workdir):
     for sample in no_masks[name]:
       logging.warning('[%s] %s is defective but has no mask: left out of the pixel metrics', name,
                       sample.path)
-  status = workdir_lib.claim(workdir, job='patchcore', outputs=OUTPUTS,
-                             overwrite=experiment.options.overwrite)
-  try:
+  with workdir_lib.running(workdir, job='patchcore', outputs=OUTPUTS,
+                          overwrite=experiment.options.overwrite) as run_status:
     files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
     backbone = config_lib.load_backbone(experiment.backbone,
                                         image_size=experiment.settings.image_size)
@@ -259,13 +268,9 @@ def run(config, workdir):
                  [backbone.strides.get(s) for s in backbone.stages])
     start = time.perf_counter()
     results = _categories(experiment, splits, no_masks, backbone, workdir,
-                          config_lib.make_mesh(experiment.options.devices), data_info, status)
+                          config_lib.make_mesh(experiment.options.devices), data_info, run_status)
     table = results_table(results)
     files.write_text(os.path.join(workdir, 'results.md'), table + '\n')
-  except BaseException as error:
-    workdir_lib.finish(workdir, status, error=error)
-    raise
-  workdir_lib.finish(workdir, status)
   logging.info('results (%s, %s, coreset %.0f %%) in %.1f s:\n%s', experiment.data.name,
                backbone.name, 100 * experiment.settings.percentage, time.perf_counter() - start,
                table)

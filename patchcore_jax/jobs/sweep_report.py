@@ -103,6 +103,9 @@ def report(records, config, timings):
                    f'{f["embed_ms_per_image"]:.1f} ms per test image, {f["bank_rows"]:,} bank '
                    'rows.')
     lines += [f'The whole category: {t.get("total_seconds", 0):.1f} s.', '']
+    notes = dict.fromkeys(f'- n/a {metric}: {why}' for r in rs
+                          for metric, why in r.get('metric_notes', {}).items())
+    lines += list(notes) + [''] * bool(notes)
     if 'shot_seed' in keys:
       lines += stats_table(aggregate(rs, 'shot_seed'), [k for k in keys if k != 'shot_seed'],
                             f'### {name}: mean ± std over {len(config.sweep.seeds)} seeds')
