@@ -199,13 +199,17 @@ def test_broken_files_are_all_found_before_any_work(tmp_path):
   jpeg = open(root / 'train' / 'good' / 'ok.jpg', 'rb').read()
   (root / 'train' / 'good' / 'cut.jpg').write_bytes(jpeg[:-100])
   _png(good / 'bomb.png', 100000, 100000, 8, 0, b'\x00' * 16)
+  values = np.full((64, 64), 0.5, np.float32)
+  values[0, :3] = np.nan
+  Image.fromarray(values, 'F').save(root / 'train' / 'good' / 'nan.tiff')
   with pytest.raises(errors.UserError) as info:
     data.check_split(data.folder_split(str(root)))
   message = str(info.value)
-  assert '5 unusable file(s)' in message, message
+  assert '6 unusable file(s)' in message, message
   for name, reason in (('zero.png', 'empty file'), ('text.png', 'not a readable image'),
                        ('truncated.png', 'truncated'), ('cut.jpg', 'truncated'),
-                       ('bomb.png', 'too many pixels')):
+                       ('bomb.png', 'too many pixels'),
+                       ('nan.tiff', '3 of 4096 pixels are not finite (3 NaN, 0 infinite)')):
     assert any(name in line and reason in line for line in message.splitlines()), (name, message)
 
 
@@ -357,6 +361,26 @@ def test_killed_run_cannot_pass_for_a_finished_one(tmp_path):
   results = json.load(open(out / 'results.json'))
   assert list(results) == ['weave']  # The second category never appears as if finished.
   assert not os.path.exists(out / 'results.md')
+  assert not [n for n in os.listdir(out) if '.tmp' in n]
+
+
+def test_sigint_leaves_an_experiment_interrupted_with_exit_130(tmp_path):
+  out = tmp_path / 'out'
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), '--config=configs/demo.py:backbone=efficientnet_lite0',
+       f'--workdir={out}', '--config.data.max_train_images=8', '--config.data.image_size=64',
+       '--config.output.num_overlays=0'], cwd=ROOT, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True,
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # As from a terminal.
+  deadline = time.time() + 300
+  while time.time() < deadline and not os.path.exists(out / 'status.json'):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == 'interrupted by SIGINT'
+  status = json.load(open(out / 'status.json'))
+  assert status['status'] == 'interrupted' and status['signal'] == 'SIGINT'
   assert not [n for n in os.listdir(out) if '.tmp' in n]
 
 

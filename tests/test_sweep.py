@@ -272,3 +272,21 @@ def test_shot_banks_are_the_rows_of_the_drawn_images():
   config.sweep.shots = ()
   [(variant, bank)] = list(sweep.shot_banks(features, 4, config))
   assert variant == {} and bank is train
+
+
+def test_a_signal_leaves_the_sweep_interrupted_not_failed(tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  from patchcore_jax.jobs import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  def category(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # What `timeout` or a scheduler sends mid-category.
+    for _ in range(10**6):
+      pass
+
+  monkeypatch.setattr(sweep, '_category', category)
+  with pytest.raises(workdir_lib.Interrupted) as info:
+    sweep.run(_greedy_config(tmp_path, 0, (0.5,)), str(tmp_path / 'out'))
+  assert info.value.exit_status == 143
+  status = json.load(open(tmp_path / 'out' / 'status.json'))
+  assert status['status'] == 'interrupted' and status['signal'] == 'SIGTERM'
+  assert status['done'] == [] and 'error' not in status

@@ -170,16 +170,15 @@ def read_rows(csv_path, *, repair=False):
   with open(csv_path, 'rb') as f:
     data = f.read()
   text = data.decode('utf-8', 'surrogateescape')
-  end, quoted, i = 0, False, 0
-  while i < len(text):  # The end of the last record: a line end outside quotes.
-    if text[i] == '"':
-      quoted = not quoted
-    elif not quoted and text.startswith('\r\n', i):
-      end = i + 2
-      i += 1
-    i += 1
+  end = position = 0  # The end of the last record: a line end outside quotes.
+  quoted = False
+  for piece in text.split('\r\n')[:-1]:  # Each piece is followed by a line end.
+    position += len(piece) + 2
+    quoted ^= piece.count('"') % 2 == 1
+    if not quoted:
+      end = position
   records = list(csv.reader(io.StringIO(text[:end], newline='')))
-  if not records or tuple(records[0]) != COLUMNS:
+  if records and tuple(records[0]) != COLUMNS:
     raise errors.UserError(f'{csv_path} is not a predictions.csv (its first line should be '
                            f'{",".join(COLUMNS)})')
   for number, record in enumerate(records[1:], 2):
@@ -192,7 +191,7 @@ def read_rows(csv_path, *, repair=False):
                     csv_path, len(data) - kept)
     with open(csv_path, 'r+b') as f:
       f.truncate(kept)
-  return [dict(zip(COLUMNS, record)) for record in records[1:]]
+  return [dict(zip(COLUMNS, record)) for record in records[1:]]  # [] if the header was cut.
 
 
 def _pending(paths, names, done_rows):

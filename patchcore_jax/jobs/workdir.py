@@ -241,8 +241,8 @@ class Run:
     del frame
     if self.deferring and self._signal is None:
       self._signal = signum
-      logging.warning('%s received: stopping after the current batch (send it again to stop at '
-                      'once)', signal.Signals(signum).name)
+      logging.warning('%s received: stopping once the current batch is done (send it again to '
+                      'stop at once)', signal.Signals(signum).name)
       return
     raise Interrupted(signum)
 
@@ -270,18 +270,24 @@ def running(workdir, *, job, outputs, overwrite, resume=False, inputs=None,
             defer_signals=False):
   """Claims `workdir` (`claim`), yields a `Run`, and writes the final status when the block ends:
   complete, interrupted (SIGTERM/SIGINT: `Interrupted` propagates) or failed. A failed write into
-  the workdir (`output_error`) is raised as a UserError naming the file."""
-  status = claim(workdir, job=job, outputs=outputs, overwrite=overwrite, resume=resume,
-                 inputs=inputs)
-  run = Run(workdir, status)
-  run.deferring = defer_signals
-  try:
-    with _signals_to(run):
+  the workdir (`output_error`) is raised as a UserError naming the file. Signals are handled
+  from before the claim to after the final status (one landing while either is written is acted
+  on after the claim, or ignored after the end)."""
+  run = Run(workdir, None)
+  run.deferring = True
+  with _signals_to(run):
+    run.status = claim(workdir, job=job, outputs=outputs, overwrite=overwrite, resume=resume,
+                       inputs=inputs)
+    run.deferring = defer_signals
+    try:
+      run.check_interrupt()
       yield run
-  except BaseException as error:
-    reported = output_error(error, workdir) or error
-    finish(workdir, status, error=reported)
-    if reported is not error:
-      raise reported from error
-    raise
-  finish(workdir, status)
+    except BaseException as error:
+      run.deferring = True
+      reported = output_error(error, workdir) or error
+      finish(workdir, run.status, error=reported)
+      if reported is not error:
+        raise reported from error
+      raise
+    run.deferring = True
+    finish(workdir, run.status)
