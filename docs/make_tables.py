@@ -244,6 +244,33 @@ def deployment():
 
 
 @table
+def soak():
+  """The predict job over 20,000 images: throughput, memory over time, SIGKILL resumes."""
+  s = _load('soak_predict', 'soak.json')
+  if s is None:
+    return '(not recorded: python docs/make_tables.py record soak_predict -- python tests/soak_predict.py --workdir=W)'
+  memory = {m['images']: m for m in s['memory']}
+  marks = [n for n in (1000, 5000, 10000, 15000, 20000) if n in memory]
+  at_kill = ', '.join(f'{k["rows_at_kill"]:,}' for k in s['kills'])
+  counts = ' / '.join(f'{n:,}' for n in marks)
+  rss = ' / '.join(f'{memory[n]["rss_mb"]:.0f}' for n in marks)
+  lines = [
+      '| what | measured |', '|---|---|',
+      f'| input | {s["images"]:,} list entries: the demo\'s 51 generated `tiles` test images (128 px) '
+      'over and over; the demo model (EfficientNet-Lite2, 10 %); masks on, overlays off |',
+      f'| uninterrupted | {s["full_seconds"]:.0f} s with start-up: {s["full_images_per_second"]:.1f} '
+      f'images/s, compute {s["full_compute_ms_per_image"]:.1f} ms per image |',
+      f'| RSS after {counts} images | {rss} MB (peak {memory[marks[0]]["peak_rss_mb"]:.0f} -> '
+      f'{memory[marks[-1]]["peak_rss_mb"]:.0f} MB) |',
+      f'| killed with SIGKILL {len(s["kills"])} times (rows in the CSV at each kill) | {at_kill}; '
+      'each time resumed with `--config.resume=True` |',
+      f'| the resumed CSV against the uninterrupted one | '
+      f'{"equal row for row and score for score" if s["equal"] else "DIFFERENT"}: '
+      f'{s["rows"][1]:,} and {s["rows"][0]:,} rows |',
+      '', 'Command:', '']
+  return '\n'.join(lines + _command_lines(('soak_predict',)))
+
+@table
 def diskbank():
   """MTD with VGG16 at 1 %, the bank in memory against streamed to a file."""
   lines = ['| bank | image / pixel AUROC / AU-PRO | memory bank | fit s | peak RSS (MiB) | recorded |',
