@@ -258,8 +258,9 @@ def soak():
       '| what | measured |', '|---|---|',
       f'| input | {s["images"]:,} list entries: the demo\'s 51 generated `tiles` test images (128 px) '
       'over and over; the demo model (EfficientNet-Lite2, 10 %); masks on, overlays off |',
-      f'| uninterrupted | {s["full_seconds"]:.0f} s with start-up: {s["full_images_per_second"]:.1f} '
-      f'images/s, compute {s["full_compute_ms_per_image"]:.1f} ms per image |',
+      f'| uninterrupted ({_load("soak_predict", "run.json")["machine"]}) | {s["full_seconds"]:.0f} s '
+      f'with start-up: {s["full_images_per_second"]:.1f} images/s, compute '
+      f'{s["full_compute_ms_per_image"]:.1f} ms per image |',
       f'| RSS after {counts} images | {rss} MB (peak {memory[marks[0]]["peak_rss_mb"]:.0f} -> '
       f'{memory[marks[-1]]["peak_rss_mb"]:.0f} MB) |',
       f'| killed with SIGKILL {len(s["kills"])} times (rows in the CSV at each kill) | {at_kill}; '

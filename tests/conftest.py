@@ -82,6 +82,9 @@ SLOW = (
     'test_ivfpq.py::test_recall_as_faiss_at_equal_parameters',  # 8 s (with faiss installed)
     'test_backbones.py::test_matches_torchvision[resnet18]',  # 14 s
     'test_predict_job.py::test_launcher_writes_rows_masks_and_overlays_and_survives_bad_files',
+    'test_predict_job.py::test_sigterm_keeps_whole_batches_and_resume_gives_the_uninterrupted_csv',
+    'test_predict_job.py::test_a_really_full_disk',  # 13 s
+    'test_inputs.py::test_sigint_leaves_an_experiment_interrupted_with_exit_130',  # 11 s
     'test_patchcore.py::test_load_refuses_broken_models_naming_the_file',  # 12 s
     'test_backbones.py::test_vgg16_matches_torch_with_real_weights',  # 12 s
     'test_backbones.py::test_fold_batchnorm_keeps_outputs[resnext50_32x4d]',  # 11 s

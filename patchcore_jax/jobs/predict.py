@@ -115,12 +115,11 @@ def _display(name):
   return os.fsencode(name).decode('utf-8', 'backslashreplace')
 
 
-def _inputs(config, model, batch_size):
+def _inputs(config, batch_size):
   """What must match for a run to be resumed: the model (model.json names every setting, the
   calibration and the bank's sha256), the images, and everything that changes a row."""
   with open(os.path.join(config.model, saving.MODEL_FILE), 'rb') as f:
     model_sha256 = hashlib.sha256(f.read()).hexdigest()
-  del model
   return {'model': os.path.abspath(config.model), 'model_json_sha256': model_sha256,
           'images': os.path.abspath(config.images) if os.path.exists(config.images)
                     else config.images,
@@ -154,7 +153,7 @@ def run(config, workdir):
                     'no decisions, masks or overlays; set --config.threshold to add one')
   with workdir_lib.running(workdir, job='predict', outputs=OUTPUTS,
                            overwrite=config.output.overwrite, resume=config.resume,
-                           inputs=_inputs(config, model, model.settings.batch_size),
+                           inputs=_inputs(config, model.settings.batch_size),
                            defer_signals=True) as run_status:
     return _score_all(config, workdir, model, paths, base, run_status)
 
@@ -261,17 +260,16 @@ def _score_all(config, workdir, model, paths, base, run_status):
   counts = collections.Counter(scored=sum(r['score'] != '' for r in done_rows),
                                failed=sum(r['error'] != '' for r in done_rows))
   memory = []
-  start = time.perf_counter()
   compute_seconds = 0.0
-  last_log = start
   rows = _Rows(csv_path, append=bool(done_rows) or (config.resume and os.path.exists(csv_path)))
   bar = timing.progress_bar(len(todo_paths), 'predict', config.output.progress)
   processed = 0
   interrupted = None
+  start = time.perf_counter()
   try:
     if todo_paths:
       stages.precompile(model.backbone, settings, model.bank)
-    start = time.perf_counter()
+    start = last_log = time.perf_counter()
     for offset, loaded in zip(
         range(0, len(todo_paths), settings.batch_size), data_common.map_in_batches(
             lambda p: _load(p, settings.image_config), todo_paths,
