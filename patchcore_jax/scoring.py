@@ -95,7 +95,8 @@ def _map_operators(grid, size, sigma):
   ops = []
   for g, s in zip(grid, size):
     up = features_lib.interpolation_matrix(g, s).astype(np.float64)
-    ops.append(gaussian_matrix(s, sigma=sigma).astype(np.float64) @ up if sigma > 0 else up)
+    ops.append(np.matmul(gaussian_matrix(s, sigma=sigma).astype(np.float64), up) if sigma > 0
+               else up)
   return tuple(o.astype(np.float32) for o in ops)
 
 

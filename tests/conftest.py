@@ -9,7 +9,12 @@ Markers (pyproject.toml): `real_data` (tests/test_real_data.py: 2-4 minutes each
 """
 import os
 
-import numpy as np
+# Several JAX processes share one accelerator here (two pytest workers, the launcher and
+# multi-process tests in subprocesses): none may take 75 % of its memory up front. Set before
+# any test module imports jax, and inherited by every subprocess.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image
 import pytest
 

@@ -34,7 +34,8 @@ def test_matches_numpy_greedy(n, d, percentage):
                                                         projection_dim=8))
   # Rebuild the same projection and starting points, then run the plain algorithm in numpy.
   proj_key, start_key = jax.random.split(key)
-  projected = np.asarray(features @ coreset.random_projection(proj_key, d, 8), np.float64)
+  projected = np.matmul(np.asarray(features, np.float64),
+                        np.asarray(coreset.random_projection(proj_key, d, 8), np.float64))
   starts = np.asarray(jax.random.choice(start_key, n, (10,), replace=False))
   ref = _numpy_greedy(projected, starts, int(n * percentage))
   assert len(ours) == int(n * percentage)
@@ -79,7 +80,8 @@ def test_projection_is_blocked_correctly():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1000, 20)).astype(np.float32))
   m = coreset.random_projection(jax.random.key(0), 20, 5)
   np.testing.assert_allclose(np.asarray(coreset.project(x, m, block_size=64)),
-                             np.asarray(x @ m).T, rtol=1e-5, atol=1e-5)
+                             np.matmul(np.asarray(x, np.float64), np.asarray(m, np.float64)).T,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_loop_compiles_once():

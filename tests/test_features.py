@@ -17,7 +17,8 @@ def _nhwc(x):
 def test_interpolation_matrix_matches_torch(in_size, out_size):
   x = torch.randn(1, 1, in_size, 1, dtype=torch.float64)
   ref = F.interpolate(x, size=(out_size, 1), mode='bilinear', align_corners=False)[0, 0, :, 0]
-  ours = features.interpolation_matrix(in_size, out_size).astype(np.float64) @ x[0, 0, :, 0].numpy()
+  ours = np.matmul(features.interpolation_matrix(in_size, out_size).astype(np.float64),
+                   x[0, 0, :, 0].numpy())
   np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6, atol=1e-6)
 
 

@@ -107,8 +107,8 @@ def test_screen_bound_is_below_every_distance(screen_dim):
   make it tight; screen_dim 49 keeps all 48 directions (residual 0)."""
   rng = np.random.default_rng(7)
   mix = rng.normal(size=(6, 48))
-  bank_features = (rng.normal(size=(700, 6)) @ mix + 0.3 * rng.normal(size=(700, 48)) + 2.0)
-  queries = rng.normal(size=(90, 6)) @ mix + 0.3 * rng.normal(size=(90, 48)) + 2.0
+  bank_features = (np.matmul(rng.normal(size=(700, 6)), mix) + 0.3 * rng.normal(size=(700, 48)) + 2.0)
+  queries = np.matmul(rng.normal(size=(90, 6)), mix) + 0.3 * rng.normal(size=(90, 48)) + 2.0
   bank = knn.prepare_bank(bank_features.astype(np.float32), block_size=32, screen=True,
                           screen_min_rows=0, screen_dim=screen_dim)
   assert bank.screen_t.shape[0] == min(screen_dim, 49)
@@ -175,7 +175,7 @@ def test_banks_without_low_dimensional_structure_keep_the_scan():
   noise = rng.normal(size=(700, 48)).astype(np.float32)
   assert not knn.uses_screen(knn.prepare_bank(noise, block_size=32, screen=True,
                                               screen_min_rows=0, screen_dim=17))
-  structured = (rng.normal(size=(700, 6)) @ rng.normal(size=(6, 48))
+  structured = (np.matmul(rng.normal(size=(700, 6)), rng.normal(size=(6, 48)))
                 + 0.01 * rng.normal(size=(700, 48))).astype(np.float32)
   assert knn.uses_screen(knn.prepare_bank(structured, block_size=32, screen=True,
                                           screen_min_rows=0, screen_dim=17))

@@ -70,7 +70,7 @@ def test_winograd_conv3x3_matches_lax_conv(shape, tile):
   got = layers.winograd_conv3x3(x, kernel, tile=tile)
   want = jax.lax.conv_general_dilated(
       np.asarray(x, np.float64), np.asarray(kernel, np.float64), (1, 1), ((1, 1), (1, 1)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=jax.lax.Precision.HIGHEST)
   assert got.shape == want.shape
   scale = float(np.abs(want).max())
   np.testing.assert_allclose(got, want, rtol=0, atol=(2e-6 if tile == 2 else 1e-5) * scale)

@@ -37,3 +37,18 @@ def test_wheel_installs_and_imports_outside_the_repository(tmp_path):
                         text=True, timeout=300, env={**os.environ, 'PYTHONPATH': str(tmp_path / 'site')})
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip() == wheel.split('-')[1]
+
+
+def test_accelerator_extras_and_test_processes_share_a_device():
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    extras = tomllib.load(f)['project']['optional-dependencies']
+  with open(os.path.join(ROOT, 'requirements.txt')) as f:
+    jax_pin = next(line.split()[0] for line in f if line.startswith('jax=='))
+  assert extras['cuda12'] == [jax_pin.replace('jax', 'jax[cuda12]')]
+  assert extras['cuda13'] == [jax_pin.replace('jax', 'jax[cuda13]')]
+  # Every test process, and the processes the tests start, allocate device memory as needed.
+  child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get('
+                          '"XLA_PYTHON_CLIENT_PREALLOCATE"))'], capture_output=True, text=True,
+                         check=True)
+  assert os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] == child.stdout.strip() == 'false'

@@ -14,7 +14,7 @@ from patchcore_jax import scoring
 def test_gaussian_matrix_matches_scipy(size, sigma):
   x = np.random.default_rng(0).normal(size=size)
   ref = ndimage.gaussian_filter1d(x, sigma=sigma, mode='reflect', truncate=4.0)
-  np.testing.assert_allclose(scoring.gaussian_matrix(size, sigma=sigma) @ x, ref, atol=1e-6)
+  np.testing.assert_allclose(np.matmul(scoring.gaussian_matrix(size, sigma=sigma), x), ref, atol=1e-6)
 
 
 def test_anomaly_maps_match_official_segmentor():

@@ -71,7 +71,7 @@ class DenseNet(nn.Module):
     if last >= STAGES.index('features.norm5'):
       x = out['features.norm5'] = BatchNorm(name='features_norm5')(x)
     if last >= STAGES.index('logits'):
-      out['logits'] = nn.Dense(self.num_classes, name='classifier')(jnp.mean(nn.relu(x), axis=(1, 2)))
+      out['logits'] = nn.Dense(self.num_classes, name='classifier', precision='highest')(jnp.mean(nn.relu(x), axis=(1, 2)))
     return {s: out[s] for s in self.stages}
 
 

@@ -117,7 +117,7 @@ class EfficientNetLite(nn.Module):
       x = Conv(1280, (1, 1), name='conv_head')(x)
       x = out['head'] = nn.relu6(_BatchNorm(name='bn1')(x))
     if last >= order.index('logits'):
-      out['logits'] = nn.Dense(self.num_classes, name='fc')(jnp.mean(x, axis=(1, 2)))
+      out['logits'] = nn.Dense(self.num_classes, name='fc', precision='highest')(jnp.mean(x, axis=(1, 2)))
     return {s: out[s] for s in self.stages}
 
 

@@ -94,7 +94,7 @@ class MobileNetV2(nn.Module):
       x = Conv(1280, (1, 1), name='features_18_0')(x)
       x = out['features.18'] = nn.relu6(BatchNorm(name='features_18_1')(x))
     if last >= STAGES.index('logits'):
-      out['logits'] = nn.Dense(self.num_classes, name='classifier_1')(jnp.mean(x, axis=(1, 2)))
+      out['logits'] = nn.Dense(self.num_classes, name='classifier_1', precision='highest')(jnp.mean(x, axis=(1, 2)))
     return {s: out[s] for s in self.stages}
 
 

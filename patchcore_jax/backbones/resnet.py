@@ -111,7 +111,7 @@ class ResNet(nn.Module):
         in_planes = planes * self.block.expansion
       out[f'layer{i + 1}'] = x
     if last == STAGES.index('logits'):
-      out['logits'] = nn.Dense(self.num_classes, name='fc')(jnp.mean(x, axis=(1, 2)))
+      out['logits'] = nn.Dense(self.num_classes, name='fc', precision='highest')(jnp.mean(x, axis=(1, 2)))
     return {s: out[s] for s in self.stages}
 
 

@@ -88,7 +88,7 @@ def numpy_greedy(points, norms, min_dist, *, iterations):
   for _ in range(iterations):
     i = int(np.argmax(min_dist))
     selected.append(i)
-    dist = np.maximum(norms - 2.0 * (points @ points[i]) + norms[i], 0.0)
+    dist = np.maximum(norms - 2.0 * np.matmul(points, points[i]) + norms[i], 0.0)
     min_dist = np.minimum(min_dist, dist)
   return selected
 
@@ -252,7 +252,7 @@ def structured_bank(rows, dim, *, seed, rank=64, clusters=2048, spread=0.3, nois
     stop = min(start + 65536, rows)
     z = centres[rng.integers(0, clusters, stop - start)]
     z += spread * rng.standard_normal(z.shape, dtype=np.float32)
-    bank[start:stop] = z @ mix + noise * rng.standard_normal((stop - start, dim),
+    bank[start:stop] = np.matmul(z, mix) + noise * rng.standard_normal((stop - start, dim),
                                                               dtype=np.float32)
   return bank
 

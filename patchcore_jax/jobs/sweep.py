@@ -138,7 +138,8 @@ def learned_proxies(bank_features, num_proxies, *, seed=0, steps=200, batch_size
     sample = jnp.asarray(np.asarray(bank_features[np.sort(rng.choice(rows, min(rows, 512),
                                                                      replace=False))]))
     nearest = jnp.sqrt(jnp.maximum(jnp.min(
-        jnp.sum(sample * sample, 1)[:, None] - 2.0 * sample @ proxies.T
+        jnp.sum(sample * sample, 1)[:, None]
+        - 2.0 * jnp.dot(sample, proxies.T, precision=jax.lax.Precision.HIGHEST)
         + jnp.sum(proxies * proxies, 1)[None, :], axis=1), 0.0))
     temperature = float(jnp.maximum(jnp.median(nearest), 1e-3))
   optimizer = optax.adam(learning_rate)
