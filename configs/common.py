@@ -69,6 +69,9 @@ def get_base_config(backbone='efficientnet_lite2'):
   config.coreset.percentage = 0.1  # Fraction of patches kept; 1.0 keeps the whole bank.
   config.coreset.projection_dim = 128  # Johnson-Lindenstrauss projection for coreset distances.
   config.coreset.num_starts = 10  # Random points defining the initial distances.
+  # The greedy loop: 'auto' (lazy blocks on the CPU, a full pass per pick with a fixed trip count
+  # on a GPU or TPU), 'lazy' or 'full'. The same picks either way.
+  config.coreset.method = 'auto'
   # A memory bank larger than this (GiB) streams to a temporary file while it is built: memory
   # then holds its 128-d projection, one block and the selected rows (memory_bank.DiskBank).
   config.coreset.memory_budget_gb = 8.0

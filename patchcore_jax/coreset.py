@@ -209,6 +209,35 @@ def _greedy_chunk(projected_t, norms, state, start, stop, *, block, chunk, preci
   return lax.fori_loop(start, stop, body, state)
 
 
+def _full_greedy_body(t, state, *, projected_t, norms, chunk, precision):
+  """Pick t by a full pass: the farthest point, then every point's distance to it.
+
+  The new centre is applied with the `chunk` - 1 centres before it (already applied: the minimum
+  does not change) as one [chunk, d] product, the same `block_distances` the lazy loop computes,
+  so every distance rounds as there and the picks are the same.
+  """
+  index = first_argmax(state.min_dist)
+  centre = lax.dynamic_index_in_dim(projected_t, index, axis=1, keepdims=False)
+  state = add_centre(state, t, index, centre, norms[index])
+  start = jnp.maximum(t - chunk + 1, 0)
+  centres = lax.dynamic_slice(state.centres, (start, 0), (chunk, projected_t.shape[0]))
+  centre_norms = lax.dynamic_slice(state.centre_norms, (start,), (chunk,))
+  new = block_distances(centres, centre_norms, projected_t, norms, precision=precision)
+  picked = start + lax.iota(jnp.int32, chunk) <= t  # Rows past pick t are unused.
+  nearest = jnp.min(jnp.where(picked[:, None], new, jnp.inf), axis=0)
+  return state._replace(min_dist=jnp.minimum(state.min_dist, nearest))
+
+
+@functools.partial(jax.jit, static_argnames=('length', 'chunk', 'precision'), donate_argnums=(2,))
+def full_greedy_chunk(projected_t, norms, state, start, *, length, chunk, precision):
+  """Picks start..start+length-1 by full passes. `length` is static: the loop's trip count is
+  known to the compiler (a scan, no loop predicate to read back per pick), and a run compiles
+  twice at most (its chunk size and the remainder)."""
+  body = functools.partial(_full_greedy_body, projected_t=projected_t, norms=norms, chunk=chunk,
+                           precision=precision)
+  return lax.fori_loop(0, length, lambda j, s: body(start + j, s), state)
+
+
 def pad_to_blocks(projected_t, *, block_size=BLOCK_SIZE, devices=1):
   """(projected_t with zero columns appended, block): columns split into `devices` equal shares
   of whole blocks of `block` <= block_size columns (a copy only when padding is needed)."""
@@ -240,9 +269,23 @@ def initial_state(projected_t, init_dist, *, num_samples, block=BLOCK_SIZE, chun
       selected=jnp.zeros((num_samples,), jnp.int32))
 
 
+METHODS = ('auto', 'lazy', 'full')
+
+
+def resolve_method(method, backend=None):
+  """'lazy' or 'full' for `method` ('auto': lazy on the CPU, where the blocks stay in cache and
+  skipping work pays; a full pass with a fixed trip count elsewhere, where every data-dependent
+  loop iteration waits for the host and a full pass is one bandwidth-bound product)."""
+  if method not in METHODS:
+    raise ValueError(f'coreset method must be one of {METHODS}, got {method!r}')
+  if method != 'auto':
+    return method
+  return 'lazy' if (backend or jax.default_backend()) == 'cpu' else 'full'
+
+
 def greedy_coreset_loop(projected_t, init_dist, *, num_samples, precision='highest',
                         block_size=BLOCK_SIZE, centre_chunk=CENTRE_CHUNK, chunk_size=None,
-                        progress=None):
+                        progress=None, method='lazy'):
   """The greedy k-center loop, lazily: the same picks as a full pass per pick, below its cost.
 
   A full pass reads the whole [d, N] projection per pick (memory-bandwidth bound). Here points
@@ -263,21 +306,31 @@ def greedy_coreset_loop(projected_t, init_dist, *, num_samples, precision='highe
       not depend on them).
     chunk_size: picks per compiled call (default: all in one).
     progress: optional callable(done, total) called after every chunk.
+    method: 'lazy', or 'full': a full pass per pick with a fixed trip count (`resolve_method`;
+      the same picks).
   Returns:
     [num_samples] int32 indices in selection order.
   """
   n = init_dist.shape[0]
   if num_samples > n:
     raise ValueError(f'cannot pick {num_samples} of {n} points')
-  projected_t, block = pad_to_blocks(projected_t, block_size=block_size)
+  method = resolve_method(method)
+  if method == 'full':  # One block of every column.
+    block = projected_t.shape[1]
+  else:
+    projected_t, block = pad_to_blocks(projected_t, block_size=block_size)
   chunk_size = chunk_size or num_samples
   state = initial_state(projected_t, init_dist, num_samples=num_samples, block=block,
                         chunk=centre_chunk)
   norms = squared_norms_jit(projected_t)
   for start in range(0, num_samples, chunk_size):
     stop = min(start + chunk_size, num_samples)
-    state = _greedy_chunk(projected_t, norms, state, start, stop, block=block,
-                          chunk=centre_chunk, precision=precision)
+    if method == 'full':
+      state = full_greedy_chunk(projected_t, norms, state, start, length=stop - start,
+                                chunk=centre_chunk, precision=precision)
+    else:
+      state = _greedy_chunk(projected_t, norms, state, start, stop, block=block,
+                            chunk=centre_chunk, precision=precision)
     if progress is not None:
       state.selected.block_until_ready()  # Report finished work, not dispatched work.
       progress(stop, num_samples)
@@ -304,7 +357,7 @@ def coreset_size(rows, percentage):
 
 def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128, num_starts=10,
                                precision='highest', chunk_size=None, progress=None, loop=None,
-                               pad_to=BLOCK_SIZE):
+                               pad_to=BLOCK_SIZE, method='auto'):
   """Indices of the approximate greedy coreset of `features`.
 
   Args:
@@ -319,6 +372,7 @@ def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128,
       `sharded.greedy_coreset_loop` with its mesh).
     pad_to: the projection's columns are padded to a multiple of this (so that `loop` needs no
       padded copy: BLOCK_SIZE x devices for the sharded loop).
+    method: of the default loop: 'auto', 'lazy' or 'full' (`resolve_method`; the same picks).
   Returns:
     [int(N * percentage)] int32 indices into `features`, in selection order; arange(N) for 1.0.
   """
@@ -335,6 +389,7 @@ def approximate_greedy_coreset(features, *, percentage, key, projection_dim=128,
                         pad_to=pad_to)
   init = initial_distances(projected_t, start_key, num_starts=num_starts, precision=precision,
                            num_points=n)
-  return (loop or greedy_coreset_loop)(projected_t, init, num_samples=num_samples,
-                                       precision=precision, chunk_size=chunk_size,
-                                       progress=progress)
+  if loop is None:
+    loop = functools.partial(greedy_coreset_loop, method=method)
+  return loop(projected_t, init, num_samples=num_samples, precision=precision,
+              chunk_size=chunk_size, progress=progress)

@@ -171,14 +171,16 @@ def build_memory_bank(embed_fn, batches, *, num_images, progress=None, timings=N
 
 
 def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=10,
-              block_size=128, precision='highest', screen=True, progress=False, mesh=None):
+              block_size=128, precision='highest', screen=True, progress=False, mesh=None,
+              method='auto'):
   """Approximate greedy coreset of `bank_features` [N, D] -> (knn.Bank, indices [M]).
 
   `screen` adds the bfloat16 screening copy to the bank (`knn.screened_nearest_neighbour`);
   `progress` shows a progress bar of the greedy iterations (besides the log lines); `mesh`
   splits the greedy loop over its devices (`sharded.greedy_coreset_loop`: the same picks, and
   one progress report at the end). A `DiskBank` is read block by block for the projection and
-  its selected rows gathered from the file.
+  its selected rows gathered from the file. `method`: the one-device greedy loop's
+  (`coreset.resolve_method`).
   """
   start = time.perf_counter()
   bar = timing.progress_bar(coreset.coreset_size(bank_features.shape[0], percentage), 'coreset',
@@ -197,7 +199,7 @@ def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=
   indices = coreset.approximate_greedy_coreset(
       bank_features, percentage=percentage, key=key, projection_dim=projection_dim,
       num_starts=num_starts, precision=precision, chunk_size=2000, progress=report, loop=loop,
-      pad_to=coreset.BLOCK_SIZE * (mesh.size if mesh is not None else 1))
+      pad_to=coreset.BLOCK_SIZE * (mesh.size if mesh is not None else 1), method=method)
   if mesh is not None:
     report(len(indices), len(indices))
   if bar is not None:

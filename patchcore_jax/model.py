@@ -17,6 +17,7 @@ from flax import struct
 import numpy as np
 
 from patchcore_jax import backbones as backbones_lib
+from patchcore_jax import coreset as coreset_lib
 from patchcore_jax import errors
 from patchcore_jax import knn
 from patchcore_jax import scoring
@@ -42,6 +43,9 @@ class Settings:
   projection_dim: int = 128
   num_starts: int = 10
   seed: int = 0
+  # The greedy loop: 'auto' (lazy blocks on the CPU, a full pass per pick on accelerators),
+  # 'lazy' or 'full'; the same picks (coreset.resolve_method).
+  coreset_method: str = 'auto'
   # Search and scoring (knn, scoring).
   k: int = 1
   block_size: int = 128
@@ -85,6 +89,8 @@ class Settings:
         ('num_starts', self.num_starts >= 1, 'positive'),
         ('k', self.k >= 1, 'at least 1'),
         ('block_size', self.block_size >= 1, 'positive'),
+        ('coreset_method', self.coreset_method in coreset_lib.METHODS,
+         f'one of {coreset_lib.METHODS}'),
         ('precision', self.precision in ('default', 'high', 'highest'),
          "one of ('default', 'high', 'highest')"),
         ('distance', self.distance in scoring.DISTANCES, f'one of {scoring.DISTANCES}'),

@@ -71,7 +71,7 @@ def _coreset(bank_features, settings, *, key, progress, mesh):
         bank_features, percentage=settings.percentage, key=key,
         projection_dim=settings.projection_dim, num_starts=settings.num_starts,
         block_size=settings.block_size, precision=settings.precision, screen=settings.screen,
-        progress=progress, mesh=mesh)
+        progress=progress, mesh=mesh, method=settings.coreset_method)
     return bank
   indices = multihost.coreset_indices(
       bank_features, total_rows=int(multihost.row_counts(bank_features.shape[0]).sum()),

@@ -177,3 +177,40 @@ def test_chunked_squared_norms_round_like_one_product():
   np.testing.assert_array_equal(np.asarray(jax.jit(coreset.squared_norms)(x)), np.asarray(whole))
   small = coreset.squared_norms(x, chunk=1000)  # 201 chunks, the last overlapping.
   np.testing.assert_array_equal(np.asarray(small), np.asarray(whole))
+
+
+@pytest.mark.parametrize('n, d, percentage, chunk_size', [(3000, 64, 0.1, None),
+                                                          (2500, 32, 0.05, 40)])
+def test_full_pass_picks_what_the_lazy_loop_picks(n, d, percentage, chunk_size):
+  """The accelerator path (a full pass per pick, fixed trip count) forced on the CPU: the same
+  points in the same order as the lazy blocks, chunked or not."""
+  features = jnp.asarray(_clustered(n, d, seed=d))
+  key = jax.random.key(5)
+  lazy = coreset.approximate_greedy_coreset(features, percentage=percentage, key=key,
+                                            chunk_size=chunk_size, method='lazy')
+  full = coreset.approximate_greedy_coreset(features, percentage=percentage, key=key,
+                                            chunk_size=chunk_size, method='full')
+  np.testing.assert_array_equal(np.asarray(full), np.asarray(lazy))
+
+
+def test_full_pass_has_no_data_dependent_loop():
+  projected_t = jnp.asarray(np.random.default_rng(0).normal(size=(8, 200)).astype(np.float32))
+  norms = coreset.squared_norms_jit(projected_t)
+  state = coreset.initial_state(projected_t, norms, num_samples=10, block=200)
+  jaxpr = jax.make_jaxpr(lambda s: coreset.full_greedy_chunk(
+      projected_t, norms, s, 0, length=10, chunk=coreset.CENTRE_CHUNK, precision='highest'))(state)
+  text = str(jaxpr)
+  assert 'while' not in text and 'scan' in text
+  lazy = jax.make_jaxpr(lambda s: coreset._greedy_chunk(  # pylint: disable=protected-access
+      projected_t, norms, s, 0, 10, block=200, chunk=coreset.CENTRE_CHUNK,
+      precision='highest'))(state)
+  assert 'while' in str(lazy)  # What the full pass avoids on accelerators.
+
+
+def test_auto_is_lazy_on_the_cpu_and_full_elsewhere():
+  assert coreset.resolve_method('auto', 'cpu') == 'lazy'
+  assert coreset.resolve_method('auto', 'gpu') == 'full'
+  assert coreset.resolve_method('auto', 'tpu') == 'full'
+  assert coreset.resolve_method('full', 'cpu') == 'full'
+  with pytest.raises(ValueError, match='coreset method must be one of'):
+    coreset.resolve_method('fast')

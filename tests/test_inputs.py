@@ -256,6 +256,7 @@ def test_defective_image_without_mask_is_left_out_of_pixel_metrics(tmp_path):
     ('backbone__stages', ('layer2', 'layer3'), r"config.backbone.stages=\('layer2', 'layer3'\) is not allowed: must be stages of efficientnet_lite0"),
     ('calibration__holdout', 1.0, r'config.calibration.holdout=1.0'),
     ('scoring__distance', 'cosine', r"distance \(scoring.distance\) = 'cosine'"),
+    ('coreset__method', 'fast', r"coreset_method \(coreset.method\) = 'fast' is not allowed: must be one of \('auto', 'lazy', 'full'\)"),
     ('coreset__memory_budget_gb', -1.0, r'config.coreset.memory_budget_gb=-1.0 is not allowed'),
     ('coreset__spill_dir', '/nonexistent/spill', r"config.coreset.spill_dir='/nonexistent/spill': not a writable folder"),
 ])
