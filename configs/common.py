@@ -58,6 +58,10 @@ def get_base_config(backbone='efficientnet_lite2'):
   # Fold BatchNorm into the convolution before it (ResNets; same outputs up to float32 rounding,
   # about 5 % faster on CPU). Applied after the probe above.
   config.backbone.fold_batchnorm = True
+  # How convolutions are computed: 'auto' (the CPU-tuned paths on the CPU: 1x1 as matmuls,
+  # Winograd, shifted sums; XLA's convolutions elsewhere), 'tuned' or 'xla'. Same outputs to
+  # float32 rounding.
+  config.backbone.conv = 'auto'
 
   config.features = ml_collections.ConfigDict()
   config.features.patch_size = 3  # Neighbourhood aggregation p.

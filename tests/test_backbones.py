@@ -10,6 +10,7 @@ import torch
 from patchcore_jax import backbones
 from patchcore_jax.backbones import densenet
 from patchcore_jax.backbones import efficientnet_lite
+from patchcore_jax.backbones import layers
 from patchcore_jax.backbones import mobilenet_v2
 from patchcore_jax.backbones import resnet
 from patchcore_jax.backbones import weights
@@ -316,3 +317,35 @@ def test_level_stages_number_the_hierarchy_as_the_paper():
     backbones.level_stages('resnet18', '5')
   with pytest.raises(ValueError, match="'\\+'-joined integers"):
     backbones.level_stages('resnet18', 'layer2')
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'mobilenet_v2', 'efficientnet_lite0'])
+def test_xla_convolutions_give_the_cpu_tuned_outputs(name):
+  """The accelerator path (every convolution as lax.conv_general_dilated, depthwise ones
+  grouped) forced on the CPU: the CPU-tuned paths' stage outputs to float32 rounding. Between
+  them these backbones take every tuned path: 1x1 matmuls, Winograd, shifted stems, depthwise
+  shifted sums (VGG and DenseNet only add more of the same; all 16 agree to 2.2e-6 relative)."""
+  bb = backbones.load_backbone(name, random_seed=0, image_size=64)
+  assert layers.resolve_conv(bb.model.conv) == 'tuned'  # 'auto' on the CPU.
+  x = jnp.asarray(np.random.default_rng(1).random((2, 64, 64, 3), np.float32))
+  tuned = bb.model.apply(bb.variables, x)
+  xla = backbones.with_conv(bb, 'xla')
+  assert xla.model.conv == 'xla'
+  for stage, value in xla.model.apply(xla.variables, x).items():
+    scale = float(jnp.max(jnp.abs(tuned[stage])))
+    np.testing.assert_allclose(value, tuned[stage], rtol=0, atol=5e-6 * scale, err_msg=stage)
+
+
+def test_conv_implementation_choice():
+  assert layers.resolve_conv('auto', 'cpu') == 'tuned'
+  assert layers.resolve_conv('auto', 'gpu') == 'xla'
+  assert layers.resolve_conv('tuned', 'gpu') == 'tuned'
+  with pytest.raises(ValueError, match='must be one of'):
+    layers.resolve_conv('cudnn')
+  x = jnp.ones((1, 8, 8, 3))
+  conv = layers.Conv(4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), impl='xla')
+  variables = conv.init(jax.random.key(0), x)
+  jaxpr = str(jax.make_jaxpr(lambda v: conv.apply(v, x))(variables))
+  assert 'conv_general_dilated' in jaxpr  # Not the shifted sums the CPU takes for an RGB stem.
+  tuned = str(jax.make_jaxpr(lambda v: conv.clone(impl='tuned').apply(v, x))(variables))
+  assert 'conv_general_dilated' not in tuned

@@ -41,6 +41,16 @@ def test_complete_failed_and_interrupted_runs_say_so(tmp_path):
 
 
 def test_deferred_signals_wait_for_the_next_check(tmp_path):
+  # SIGINT handled as in a terminal, whatever the test runner's process does with it (a
+  # background job's shell ignores it, and `running` leaves an ignored signal ignored).
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _deferred_sigint(tmp_path)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _deferred_sigint(tmp_path):
   with pytest.raises(workdir_lib.Interrupted) as info:
     with workdir_lib.running(str(tmp_path), job='x', outputs=(), overwrite=False,
                              defer_signals=True) as run:
@@ -116,3 +126,14 @@ def test_atomic_writes_leave_nothing_behind_when_they_fail(tmp_path, monkeypatch
     files.write_json(str(tmp_path / 'a.json'), {})
   assert info.value.filename == str(tmp_path / 'a.json')
   assert os.listdir(tmp_path) == []
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path):
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # nohup, a background job.
+  try:
+    with workdir_lib.running(str(tmp_path), job='x', outputs=(), overwrite=False):
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # Handled.
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert _status(tmp_path)['status'] == 'complete'

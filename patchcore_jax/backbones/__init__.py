@@ -225,16 +225,25 @@ class BackboneSpec:
   random_seed: Optional[int] = None
   probe_passes: int = 0
   fold: bool = True
+  conv: str = 'auto'  # layers.CONV_IMPLS: how convolutions are computed.
 
   def load(self, *, image_size=224):
     """`load_backbone` of this spec (image_size: the probe passes' input size)."""
     return load_backbone(self.name, stages=self.stages or None, checkpoint=self.checkpoint,
                          cache_dir=self.cache_dir, random_seed=self.random_seed,
-                         probe_passes=self.probe_passes, image_size=image_size, fold=self.fold)
+                         probe_passes=self.probe_passes, image_size=image_size, fold=self.fold,
+                         conv=self.conv)
+
+
+def with_conv(backbone, impl):
+  """The backbone computing its convolutions as `impl` says (`layers.CONV_IMPLS`: 'auto',
+  'tuned', 'xla'); the same weights and, to float32 rounding, the same outputs."""
+  layers.resolve_conv(impl)  # Checks the name.
+  return dataclasses.replace(backbone, model=backbone.model.clone(conv=impl))
 
 
 def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed=None,
-                  probe_passes=0, image_size=224, fold=True):
+                  probe_passes=0, image_size=224, fold=True, conv='auto'):
   """Builds backbone `name` returning `stages`, loads its weights strictly and prepares it for
   inference (`prepare`).
 
@@ -246,6 +255,7 @@ def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed
     random_seed: if not None, use seeded random weights instead of any file.
     probe_passes, image_size, fold: see `prepare` (fold=False and probe_passes=0: the weights
       exactly as loaded, e.g. to train or to compare with torch).
+    conv: how convolutions are computed (`with_conv`).
   Returns:
     Backbone.
   Raises:
@@ -253,7 +263,8 @@ def load_backbone(name, *, stages=None, checkpoint='', cache_dir='', random_seed
   """
   backbone = _load_weights(name, stages=stages, checkpoint=checkpoint, cache_dir=cache_dir,
                            random_seed=random_seed)
-  return prepare(backbone, image_size=image_size, probe_passes=probe_passes, fold=fold)
+  backbone = prepare(backbone, image_size=image_size, probe_passes=probe_passes, fold=fold)
+  return backbone if conv == 'auto' else with_conv(backbone, conv)
 
 
 def prepare(backbone, *, image_size=224, probe_passes=0, fold=True):

@@ -25,10 +25,9 @@ STRIDES = {'features.denseblock1': 4, 'features.transition1': 8, 'features.dense
            'features.denseblock4': 32, 'features.norm5': 32}
 
 
-def _conv(features, kernel, name):
+def _conv(features, kernel, name, impl='auto'):
   pad = (kernel - 1) // 2
-  return Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                 name=name)
+  return Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), name=name, impl=impl)
 
 
 class DenseNet(nn.Module):
@@ -38,6 +37,7 @@ class DenseNet(nn.Module):
   bn_size: int = 4
   stages: Sequence[str] = ('features.denseblock2', 'features.denseblock3')
   num_classes: int = 1000
+  conv: str = 'auto'  # layers.CONV_IMPLS: how convolutions are computed.
 
   @nn.compact
   def __call__(self, x):
@@ -45,7 +45,7 @@ class DenseNet(nn.Module):
     last = deepest_stage(self.stages, STAGES, 'DenseNet')
     out = {}
     x = Conv(self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-             name='features_conv0')(x)
+             name='features_conv0', impl=self.conv)(x)
     x = nn.relu(BatchNorm(name='features_norm0')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for b, num_layers in enumerate(self.block_config):
@@ -53,9 +53,9 @@ class DenseNet(nn.Module):
       for i in range(num_layers):
         layer = f'{block}_denselayer{i + 1}'
         y = nn.relu(BatchNorm(name=f'{layer}_norm1')(x))
-        y = _conv(self.bn_size * self.growth_rate, 1, f'{layer}_conv1')(y)
+        y = _conv(self.bn_size * self.growth_rate, 1, f'{layer}_conv1', self.conv)(y)
         y = nn.relu(BatchNorm(name=f'{layer}_norm2')(y))
-        y = _conv(self.growth_rate, 3, f'{layer}_conv2')(y)
+        y = _conv(self.growth_rate, 3, f'{layer}_conv2', self.conv)(y)
         x = jnp.concatenate([x, y], axis=-1)
       out[f'features.denseblock{b + 1}'] = x
       if last <= STAGES.index(f'features.denseblock{b + 1}'):
@@ -63,7 +63,7 @@ class DenseNet(nn.Module):
       if b + 1 < len(self.block_config):
         name = f'features_transition{b + 1}'
         x = nn.relu(BatchNorm(name=f'{name}_norm')(x))
-        x = _conv(x.shape[-1] // 2, 1, f'{name}_conv')(x)
+        x = _conv(x.shape[-1] // 2, 1, f'{name}_conv', self.conv)(x)
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         out[f'features.transition{b + 1}'] = x
         if last <= STAGES.index(f'features.transition{b + 1}'):

@@ -76,6 +76,7 @@ class MBConv(nn.Module):
   cin: int
   cout: int
   fold_bn: bool = False
+  conv: str = 'auto'  # layers.CONV_IMPLS
 
   @nn.compact
   def __call__(self, x):
@@ -83,10 +84,11 @@ class MBConv(nn.Module):
     y = x
     mid = self.cin * self.expand
     if self.expand != 1:
-      y = nn.relu6(_BatchNorm(name='bn0')(Conv(mid, (1, 1), name='expand_conv')(y)))
-    y = DepthwiseConv(self.kernel, self.stride, padding='SAME', name='depthwise_conv')(y)
+      y = nn.relu6(_BatchNorm(name='bn0')(Conv(mid, (1, 1), name='expand_conv', impl=self.conv)(y)))
+    y = DepthwiseConv(self.kernel, self.stride, padding='SAME', name='depthwise_conv',
+                      impl=self.conv)(y)
     y = nn.relu6(_BatchNorm(name='bn1')(y))
-    y = _BatchNorm(name='bn2')(Conv(self.cout, (1, 1), name='project_conv')(y))
+    y = _BatchNorm(name='bn2')(Conv(self.cout, (1, 1), name='project_conv', impl=self.conv)(y))
     if self.stride == 1 and self.cin == self.cout:
       y = y + x
     return y
@@ -98,6 +100,7 @@ class EfficientNetLite(nn.Module):
   stages: Sequence[str] = ('blocks.6', 'blocks.14')
   num_classes: int = 1000
   fold_bn: bool = False  # BatchNorms only add their bias (weights from backbones.fold_batchnorm).
+  conv: str = 'auto'  # layers.CONV_IMPLS: how convolutions are computed.
 
   @nn.compact
   def __call__(self, x):
@@ -107,14 +110,14 @@ class EfficientNetLite(nn.Module):
     order = ['stem'] + [f'blocks.{i}' for i in range(len(specs))] + ['head', 'logits']
     last = deepest_stage(self.stages, order, self.variant)
     out = {}
-    x = Conv(32, (3, 3), strides=(2, 2), padding='SAME', name='conv_stem')(x)
+    x = Conv(32, (3, 3), strides=(2, 2), padding='SAME', name='conv_stem', impl=self.conv)(x)
     x = out['stem'] = nn.relu6(_BatchNorm(name='bn0')(x))
     for i, spec in enumerate(specs):
       if last < i + 1:
         break
-      x = out[f'blocks.{i}'] = MBConv(*spec, self.fold_bn, name=f'blocks_{i}')(x)
+      x = out[f'blocks.{i}'] = MBConv(*spec, self.fold_bn, self.conv, name=f'blocks_{i}')(x)
     if last >= order.index('head'):
-      x = Conv(1280, (1, 1), name='conv_head')(x)
+      x = Conv(1280, (1, 1), name='conv_head', impl=self.conv)(x)
       x = out['head'] = nn.relu6(_BatchNorm(name='bn1')(x))
     if last >= order.index('logits'):
       out['logits'] = nn.Dense(self.num_classes, name='fc', precision='highest')(jnp.mean(x, axis=(1, 2)))

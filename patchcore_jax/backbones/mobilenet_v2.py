@@ -57,6 +57,7 @@ class InvertedResidual(nn.Module):
   cout: int
   stride: int
   fold_bn: bool = False
+  conv: str = 'auto'  # layers.CONV_IMPLS
 
   @nn.compact
   def __call__(self, x):
@@ -64,11 +65,11 @@ class InvertedResidual(nn.Module):
     hidden = self.cin * self.expand
     y, i = x, 0
     if self.expand != 1:  # pw: conv_0, conv_1
-      y = nn.relu6(BatchNorm(name='conv_1')(Conv(hidden, (1, 1), name='conv_0')(y)))
+      y = nn.relu6(BatchNorm(name='conv_1')(Conv(hidden, (1, 1), name='conv_0', impl=self.conv)(y)))
       i = 3
-    y = DepthwiseConv(3, self.stride, padding=1, name=f'conv_{i}')(y)  # dw
+    y = DepthwiseConv(3, self.stride, padding=1, name=f'conv_{i}', impl=self.conv)(y)  # dw
     y = nn.relu6(BatchNorm(name=f'conv_{i + 1}')(y))
-    y = BatchNorm(name=f'conv_{i + 4}')(Conv(self.cout, (1, 1), name=f'conv_{i + 3}')(y))
+    y = BatchNorm(name=f'conv_{i + 4}')(Conv(self.cout, (1, 1), name=f'conv_{i + 3}', impl=self.conv)(y))
     return x + y if self.stride == 1 and self.cin == self.cout else y
 
 
@@ -76,6 +77,7 @@ class MobileNetV2(nn.Module):
   stages: Sequence[str] = DEFAULT_STAGES
   num_classes: int = 1000
   fold_bn: bool = False  # BatchNorms only add their bias (weights from backbones.fold_batchnorm).
+  conv: str = 'auto'  # layers.CONV_IMPLS: how convolutions are computed.
 
   @nn.compact
   def __call__(self, x):
@@ -83,15 +85,16 @@ class MobileNetV2(nn.Module):
     BatchNorm = functools.partial(_BatchNorm, folded=self.fold_bn)  # pylint: disable=invalid-name
     last = deepest_stage(self.stages, STAGES, 'MobileNetV2')
     out = {}
-    x = Conv(32, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name='features_0_0')(x)
+    x = Conv(32, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name='features_0_0',
+             impl=self.conv)(x)
     x = out['features.0'] = nn.relu6(BatchNorm(name='features_0_1')(x))
     for i, spec in enumerate(block_specs()):
       if last < i + 1:
         break
-      x = out[f'features.{i + 1}'] = InvertedResidual(*spec, self.fold_bn,
+      x = out[f'features.{i + 1}'] = InvertedResidual(*spec, self.fold_bn, self.conv,
                                                        name=f'features_{i + 1}')(x)
     if last >= STAGES.index('features.18'):
-      x = Conv(1280, (1, 1), name='features_18_0')(x)
+      x = Conv(1280, (1, 1), name='features_18_0', impl=self.conv)(x)
       x = out['features.18'] = nn.relu6(BatchNorm(name='features_18_1')(x))
     if last >= STAGES.index('logits'):
       out['logits'] = nn.Dense(self.num_classes, name='classifier_1', precision='highest')(jnp.mean(x, axis=(1, 2)))

@@ -19,10 +19,10 @@ STRIDES = {'stem': 4, 'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32}
 
 
 
-def _conv(features, kernel, stride=1, groups=1, name=None):
+def _conv(features, kernel, stride=1, groups=1, name=None, impl='auto'):
   pad = (kernel - 1) // 2
   return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-              feature_group_count=groups, name=name)
+              feature_group_count=groups, name=name, impl=impl)
 
 
 class BasicBlock(nn.Module):
@@ -32,17 +32,19 @@ class BasicBlock(nn.Module):
   groups: int = 1
   base_width: int = 64
   fold_bn: bool = False
+  conv: str = 'auto'  # layers.CONV_IMPLS
   expansion = 1
 
   @nn.compact
   def __call__(self, x):
     BatchNorm = functools.partial(_BatchNorm, folded=self.fold_bn)  # pylint: disable=invalid-name
     identity = x
-    y = nn.relu(BatchNorm(name='bn1')(_conv(self.planes, 3, self.stride, name='conv1')(x)))
-    y = BatchNorm(name='bn2')(_conv(self.planes, 3, name='conv2')(y))
+    y = nn.relu(BatchNorm(name='bn1')(
+        _conv(self.planes, 3, self.stride, name='conv1', impl=self.conv)(x)))
+    y = BatchNorm(name='bn2')(_conv(self.planes, 3, name='conv2', impl=self.conv)(y))
     if self.downsample:
       identity = BatchNorm(name='downsample_1')(
-          _conv(self.planes, 1, self.stride, name='downsample_0')(x))
+          _conv(self.planes, 1, self.stride, name='downsample_0', impl=self.conv)(x))
     return nn.relu(y + identity)
 
 
@@ -54,6 +56,7 @@ class Bottleneck(nn.Module):
   groups: int = 1
   base_width: int = 64
   fold_bn: bool = False
+  conv: str = 'auto'  # layers.CONV_IMPLS
   expansion = 4
 
   @nn.compact
@@ -61,12 +64,13 @@ class Bottleneck(nn.Module):
     BatchNorm = functools.partial(_BatchNorm, folded=self.fold_bn)  # pylint: disable=invalid-name
     width = int(self.planes * (self.base_width / 64.0)) * self.groups
     identity = x
-    y = nn.relu(BatchNorm(name='bn1')(_conv(width, 1, name='conv1')(x)))
-    y = nn.relu(BatchNorm(name='bn2')(_conv(width, 3, self.stride, self.groups, name='conv2')(y)))
-    y = BatchNorm(name='bn3')(_conv(self.planes * 4, 1, name='conv3')(y))
+    y = nn.relu(BatchNorm(name='bn1')(_conv(width, 1, name='conv1', impl=self.conv)(x)))
+    y = nn.relu(BatchNorm(name='bn2')(
+        _conv(width, 3, self.stride, self.groups, name='conv2', impl=self.conv)(y)))
+    y = BatchNorm(name='bn3')(_conv(self.planes * 4, 1, name='conv3', impl=self.conv)(y))
     if self.downsample:
       identity = BatchNorm(name='downsample_1')(
-          _conv(self.planes * 4, 1, self.stride, name='downsample_0')(x))
+          _conv(self.planes * 4, 1, self.stride, name='downsample_0', impl=self.conv)(x))
     return nn.relu(y + identity)
 
 
@@ -80,6 +84,7 @@ class ResNet(nn.Module):
     stages: names of the stage outputs to return; the forward pass stops after the deepest.
     num_classes: size of the classifier head ('logits').
     fold_bn: BatchNorms only add their bias (weights from `backbones.fold_batchnorm`).
+    conv: how convolutions are computed (`layers.CONV_IMPLS`).
   """
   block: type
   layers: Sequence[int]
@@ -88,6 +93,7 @@ class ResNet(nn.Module):
   stages: Sequence[str] = ('layer2', 'layer3')
   num_classes: int = 1000
   fold_bn: bool = False
+  conv: str = 'auto'  # layers.CONV_IMPLS: how convolutions are computed.
 
   @nn.compact
   def __call__(self, x):
@@ -96,7 +102,8 @@ class ResNet(nn.Module):
     last = deepest_stage(self.stages, STAGES, 'ResNet')
     out = {}
     x = nn.relu(BatchNorm(name='bn1')(
-        Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv1')(x)))
+        Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv1',
+             impl=self.conv)(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     out['stem'] = x
     in_planes = 64
@@ -107,7 +114,8 @@ class ResNet(nn.Module):
       for j in range(blocks):
         needs_downsample = j == 0 and (stride != 1 or in_planes != planes * self.block.expansion)
         x = self.block(planes, stride if j == 0 else 1, needs_downsample, self.groups,
-                       self.width_per_group, self.fold_bn, name=f'layer{i + 1}_{j}')(x)
+                       self.width_per_group, self.fold_bn, self.conv,
+                       name=f'layer{i + 1}_{j}')(x)
         in_planes = planes * self.block.expansion
       out[f'layer{i + 1}'] = x
     if last == STAGES.index('logits'):

@@ -60,6 +60,7 @@ class VGG(nn.Module):
   depth: int = 16
   stages: Sequence[str] = ('relu4_3', 'relu5_3')
   num_classes: int = 1000
+  conv: str = 'auto'  # layers.CONV_IMPLS: how convolutions are computed.
 
   @nn.compact
   def __call__(self, x):
@@ -74,7 +75,7 @@ class VGG(nn.Module):
         continue
       stage, channels, index = item
       x = nn.relu(Conv(channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
-                       name=f'features_{index}')(x))
+                       name=f'features_{index}', impl=self.conv)(x))
       out[stage] = x
       if order.index(stage) == last:
         break

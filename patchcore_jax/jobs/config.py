@@ -14,6 +14,7 @@ from typing import Optional
 import jax
 
 from patchcore_jax import backbones
+from patchcore_jax.backbones import layers
 from patchcore_jax import data as data_lib
 from patchcore_jax import errors
 from patchcore_jax import multihost
@@ -93,12 +94,13 @@ def backbone_spec(config):
         f'{backbones.DEFAULT_STAGES[bb.name]})')
   check('backbone.official_bn_probe_passes', bb.official_bn_probe_passes,
         bb.official_bn_probe_passes >= 0, '>= 0')
+  check('backbone.conv', bb.conv, bb.conv in layers.CONV_IMPLS, f'one of {layers.CONV_IMPLS}')
   if bb.checkpoint and not os.path.isfile(bb.checkpoint):
     raise errors.UserError(f'config.backbone.checkpoint={bb.checkpoint!r}: no such file')
   return backbones.BackboneSpec(
       name=bb.name, stages=stages, checkpoint=bb.checkpoint, cache_dir=bb.cache_dir,
       random_seed=bb.random_seed if bb.random_seed >= 0 else None,
-      probe_passes=bb.official_bn_probe_passes, fold=bb.fold_batchnorm)
+      probe_passes=bb.official_bn_probe_passes, fold=bb.fold_batchnorm, conv=bb.conv)
 
 
 def data_spec(config, workdir=None):
