@@ -90,6 +90,10 @@ SLOW = (
     'test_predict_job.py::test_sigterm_keeps_whole_batches_and_resume_gives_the_uninterrupted_csv',
     'test_predict_job.py::test_a_really_full_disk',  # 13 s
     'test_inputs.py::test_sigint_leaves_an_experiment_interrupted_with_exit_130',  # 11 s
+    'test_backbones.py::test_xla_convolutions_give_the_cpu_tuned_outputs[mobilenet_v2]',  # 19 s
+    'test_backbones.py::test_xla_convolutions_give_the_cpu_tuned_outputs[efficientnet_lite0]',
+    'test_backbones.py::test_xla_convolutions_give_the_cpu_tuned_outputs[resnet18]',  # 12 s
+    'test_precision.py::test_features_scores_coreset_search_and_proxies_name_their_precision',
     'test_patchcore.py::test_load_refuses_broken_models_naming_the_file',  # 12 s
     'test_backbones.py::test_vgg16_matches_torch_with_real_weights',  # 12 s
     'test_backbones.py::test_fold_batchnorm_keeps_outputs[resnext50_32x4d]',  # 11 s
