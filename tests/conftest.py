@@ -90,7 +90,6 @@ SLOW = (
     'test_predict_job.py::test_sigterm_keeps_whole_batches_and_resume_gives_the_uninterrupted_csv',
     'test_predict_job.py::test_a_really_full_disk',  # 13 s
     'test_inputs.py::test_sigint_leaves_an_experiment_interrupted_with_exit_130',  # 11 s
-    'test_backbones.py::test_xla_convolutions_give_the_cpu_tuned_outputs[mobilenet_v2]',  # 19 s
     'test_backbones.py::test_xla_convolutions_give_the_cpu_tuned_outputs[efficientnet_lite0]',
     'test_backbones.py::test_xla_convolutions_give_the_cpu_tuned_outputs[resnet18]',  # 12 s
     'test_precision.py::test_features_scores_coreset_search_and_proxies_name_their_precision',

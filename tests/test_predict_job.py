@@ -228,9 +228,9 @@ def _launch_predict(model, images, out, *extra):
 def test_sigterm_keeps_whole_batches_and_resume_gives_the_uninterrupted_csv(fitted, tmp_path):
   workdir, test_dir = fitted
   model = os.path.join(workdir, 'models', 'tiles')
-  listing = tmp_path / 'list.txt'  # 204 entries: every test image four times.
+  listing = tmp_path / 'list.txt'  # 153 entries: every test image three times.
   tests = sorted(os.path.join(d, n) for d, _, names in os.walk(test_dir) for n in names)
-  listing.write_text(''.join(p + '\n' for p in tests * 4))
+  listing.write_text(''.join(p + '\n' for p in tests * 3))
   out = tmp_path / 'out'
   proc = _launch_predict(model, listing, out, '--config.output.overlays=False')
   deadline = time.time() + 300
@@ -244,10 +244,10 @@ def test_sigterm_keeps_whole_batches_and_resume_gives_the_uninterrupted_csv(fitt
   rows = _read(str(out))
   status = _status(str(out))
   assert status['status'] == 'interrupted' and status['signal'] == 'SIGTERM'
-  assert status['images_done'] == len(rows) and 0 < len(rows) < 204
+  assert status['images_done'] == len(rows) and 0 < len(rows) < 153
   assert len(rows) % 4 == 0  # Whole batches only.
   assert stderr.strip().splitlines()[-1] == (
-      f'interrupted by SIGTERM: {len(rows)} of 204 images are in {out}/predictions.csv; '
+      f'interrupted by SIGTERM: {len(rows)} of 153 images are in {out}/predictions.csv; '
       'continue with --config.resume=True')
   # Without resume the workdir is refused, saying how to continue; with other inputs as well.
   config = _config(model, str(listing), overlays=False)
@@ -261,7 +261,7 @@ def test_sigterm_keeps_whole_batches_and_resume_gives_the_uninterrupted_csv(fitt
   with open(out / 'predictions.csv', 'a', newline='') as f:  # A row a SIGKILL cut short.
     f.write('chip/000.png,123')
   summary = predict_job.run(config, str(out))
-  assert summary['num_resumed'] == len(rows) and summary['num_this_run'] == 204 - len(rows)
+  assert summary['num_resumed'] == len(rows) and summary['num_this_run'] == 153 - len(rows)
   assert summary['status'] == 'complete' and _status(str(out))['status'] == 'complete'
   assert _status(str(out))['resumed']['signal'] == 'SIGTERM'
   config.resume = False
