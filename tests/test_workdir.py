@@ -137,3 +137,10 @@ def test_an_ignored_signal_stays_ignored(tmp_path):
   finally:
     signal.signal(signal.SIGINT, previous)
   assert _status(tmp_path)['status'] == 'complete'
+
+
+def test_nothing_to_resume_creates_nothing(tmp_path):
+  with pytest.raises(errors.UserError, match='holds no earlier run to resume'):
+    workdir_lib.claim(str(tmp_path / 'new'), job='predict', outputs=(), overwrite=False,
+                      resume=True)
+  assert not os.path.exists(tmp_path / 'new')

@@ -261,7 +261,7 @@ def _score_all(config, workdir, model, paths, base, run_status):
                                failed=sum(r['error'] != '' for r in done_rows))
   memory = []
   compute_seconds = 0.0
-  rows = _Rows(csv_path, append=bool(done_rows) or (config.resume and os.path.exists(csv_path)))
+  rows = _Rows(csv_path, append=config.resume and os.path.exists(csv_path))
   bar = timing.progress_bar(len(todo_paths), 'predict', config.output.progress)
   processed = 0
   interrupted = None

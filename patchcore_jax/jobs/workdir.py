@@ -121,13 +121,13 @@ def claim(workdir, *, job, outputs, overwrite, resume=False, inputs=None):
   with `overwrite`, keeps them with `resume` (an earlier run of `job` with the same `inputs`), and
   writes status.json as 'running'. Returns the status dict (with 'resumed': the earlier status,
   when resuming)."""
+  previous = _check_resume(workdir, job, inputs) if resume else None  # Before creating it.
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as error:
     raise errors.UserError(f'cannot create the workdir {workdir}: {error.strerror}') from error
   present = sorted(name for name in (*outputs, STATUS)
                    if os.path.lexists(os.path.join(workdir, name)))
-  previous = _check_resume(workdir, job, inputs) if resume else None
   if present and not overwrite and not resume:
     status = read_status(workdir) or {}
     described = f"a {status.get('job', '')} run, status {status.get('status', 'unknown')!r}"
