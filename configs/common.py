@@ -83,12 +83,14 @@ def get_base_config(backbone='efficientnet_lite2'):
 
   config.knn = ml_collections.ConfigDict()
   config.knn.k = 1  # Nearest neighbours averaged into a patch score (the official code uses 1).
-  # Memory-bank rows per distance block: 128 was fastest on a 2-core CPU (1024: ~15 % slower).
-  config.knn.block_size = 128
+  # Memory-bank rows per distance block: 'auto' (128 on the CPU, fastest on 2 cores; 4096 on
+  # accelerators, knn.BLOCK_SIZES) or a positive integer.
+  config.knn.block_size = 'auto'
   config.knn.precision = 'highest'  # Matmul precision of the distances (default|high|highest).
   # k=1, banks of >= 4096 rows: screen the bank in bfloat16 and measure the few rows that could
-  # win in float32; exact; 1.35x the float32 scan's speed on the 10 % bottle bank (docs/benchmark.md).
-  config.knn.screen = True
+  # win in float32; exact; 1.35x the float32 scan's speed on the 10 % bottle bank
+  # (docs/benchmark.md). 'auto' (on the CPU, off on accelerators), True or False.
+  config.knn.screen = 'auto'
 
   config.scoring = ml_collections.ConfigDict()
   config.scoring.distance = 'squared_l2'  # squared_l2 (official code) | l2 (paper).

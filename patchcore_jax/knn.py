@@ -48,6 +48,47 @@ SCREEN_MAX_RESIDUAL = 0.02
 SCREEN_MIN_CERTIFIED = 0.5
 # Smaller banks keep only the float32 scan, faster there (fixed per-query costs of the screen).
 SCREEN_MIN_ROWS = 4096
+# Bank rows per group of the screen (at most; the screen's groups do not depend on the scan's
+# blocks, so a bank in a few large blocks is screened as one in many small ones).
+SCREEN_GROUP = 128
+
+# Bank rows per block of the float32 scan, per backend ('auto'). On the CPU a [P, 128] block of
+# distances stays in cache (128 was fastest on 2 cores; 1024 ~15 % slower). On an accelerator
+# every scan step is a kernel launch and a tiny product: a few large blocks keep it busy, and a
+# [8 images, 784 patches, 4096] float32 block is 100 MB.
+BLOCK_SIZES = {'cpu': 128}
+ACCELERATOR_BLOCK_SIZE = 4096
+# The screen ('auto'): on the CPU, where its bfloat16 product and short gathers beat the float32
+# scan (1.35x on the 10 % bottle bank); elsewhere the scan, a few large float32 products.
+SCREEN_BACKENDS = ('cpu',)
+
+
+def resolve_block_size(block_size, backend=None):
+  """Rows per scan block for `block_size` (a positive int, or 'auto': BLOCK_SIZES on the
+  backend, default JAX's, else ACCELERATOR_BLOCK_SIZE)."""
+  if block_size == 'auto':
+    return BLOCK_SIZES.get(backend or jax.default_backend(), ACCELERATOR_BLOCK_SIZE)
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"block size must be a positive integer or 'auto', got {block_size!r}")
+  return int(block_size)
+
+
+def resolve_screen(screen, backend=None):
+  """Whether to screen (True, False, or 'auto': on the backends in SCREEN_BACKENDS)."""
+  if screen == 'auto':
+    return (backend or jax.default_backend()) in SCREEN_BACKENDS
+  if not isinstance(screen, (bool, np.bool_)):
+    raise ValueError(f"screen must be True, False or 'auto', got {screen!r}")
+  return bool(screen)
+
+
+def screen_group_size(block_size):
+  """Rows per group of the screen of a bank in scan blocks of `block_size` rows: the block
+  size up to SCREEN_GROUP, else its largest divisor up to SCREEN_GROUP."""
+  for size in range(min(SCREEN_GROUP, block_size), 0, -1):
+    if block_size % size == 0:
+      return size
+  return 1
 
 
 class Bank(NamedTuple):
@@ -109,23 +150,26 @@ def screen_vectors(x, mean, basis):
 _screen_vectors_jit = jax.jit(screen_vectors)
 
 
-def prepare_bank(features, *, block_size=128, screen=False, screen_min_rows=SCREEN_MIN_ROWS,
-                 screen_dim=SCREEN_DIM):
-  """features: [M, D] -> Bank with blocks of `block_size` rows.
+def prepare_bank(features, *, block_size='auto', screen=False, screen_min_rows=SCREEN_MIN_ROWS,
+                 screen_dim=SCREEN_DIM, backend=None):
+  """features: [M, D] -> Bank with blocks of `block_size` rows ('auto': `resolve_block_size`).
 
-  With `screen`, a bank of at least `screen_min_rows` rows (and more than SCREEN_CANDIDATES
-  blocks) whose principal directions hold all but SCREEN_MAX_RESIDUAL of its variance also gets
-  the screening copy (`screen_dim` dimensions, at most D + 1), so k=1 searches take the screened
-  path.
+  With `screen` (True, or 'auto': `resolve_screen`), a bank of at least `screen_min_rows` rows
+  (and more than SCREEN_CANDIDATES screen groups) whose principal directions hold all but
+  SCREEN_MAX_RESIDUAL of its variance also gets the screening copy (`screen_dim` dimensions, at
+  most D + 1), so k=1 searches take the screened path. `backend` resolves 'auto' (default: JAX's).
   """
   m, d = features.shape
-  block_size = min(block_size, m)
+  block_size = min(resolve_block_size(block_size, backend), m)
+  screen = resolve_screen(screen, backend)
   pad = (-m) % block_size
   features = jnp.asarray(features, jnp.float32)
   norms = jnp.sum(features * features, axis=1)
   norms = jnp.pad(norms, (0, pad), constant_values=jnp.inf).reshape(-1, block_size)
   blocks = jnp.pad(features, ((0, pad), (0, 0))).reshape(-1, block_size, d)
-  if not screen or m < screen_min_rows or blocks.shape[0] <= SCREEN_CANDIDATES:
+  columns = blocks.shape[0] * block_size
+  if (not screen or m < screen_min_rows
+      or columns // screen_group_size(block_size) <= SCREEN_CANDIDATES):
     return Bank(blocks, norms)
   mean, basis, residual_share = principal_basis(features, min(screen_dim - 1, d))
   if residual_share > SCREEN_MAX_RESIDUAL:
@@ -230,8 +274,8 @@ def _min_axis1(x):
 def _screen_block(queries, bank, *, candidates):
   """One block of queries [N, D] -> (squared distance [N], index [N], certified [N] bool)."""
   n, d = queries.shape
-  group = bank.blocks.shape[1]
   columns = bank.screen_t.shape[1]
+  group = screen_group_size(bank.blocks.shape[1])
   num_groups = columns // group
   q_screen, q_sq = screen_vectors(queries, bank.screen_mean, bank.screen_basis)
   q_screen = q_screen.astype(jnp.bfloat16)
@@ -261,7 +305,7 @@ def _screen_block(queries, bank, *, candidates):
 def screened_nearest_neighbour(queries, bank, *, candidates=SCREEN_CANDIDATES,
                                max_block_floats=2**24):
   """The exact nearest bank row of every query, screened in low dimension (bank from
-  `prepare_bank` with `screen=True`, at least `candidates + 1` blocks).
+  `prepare_bank` with `screen=True`, at least `candidates + 1` screen groups).
 
   Per query: the bfloat16 product of screen vectors gives every row a lower bound on its distance
   (module docstring); the `candidates` rows with the smallest bounds are measured exactly in
@@ -281,9 +325,10 @@ def screened_nearest_neighbour(queries, bank, *, candidates=SCREEN_CANDIDATES,
   """
   n, d = queries.shape
   columns = bank.screen_t.shape[1]
-  if columns // bank.blocks.shape[1] < candidates + 1:
-    raise ValueError(f'screening needs at least {candidates + 1} bank blocks, the bank has '
-                     f'{columns // bank.blocks.shape[1]}')
+  groups = columns // screen_group_size(bank.blocks.shape[1])
+  if groups < candidates + 1:
+    raise ValueError(f'screening needs at least {candidates + 1} screen groups of at most '
+                     f'{SCREEN_GROUP} rows, the bank has {groups}')
   block = max(1, min(n, max_block_floats // columns))
   pad = (-n) % block
   blocks = jnp.pad(queries, ((0, pad), (0, 0))).reshape(-1, block, d)

@@ -171,11 +171,12 @@ def build_memory_bank(embed_fn, batches, *, num_images, progress=None, timings=N
 
 
 def subsample(bank_features, *, percentage, key, projection_dim=128, num_starts=10,
-              block_size=128, precision='highest', screen=True, progress=False, mesh=None,
+              block_size='auto', precision='highest', screen='auto', progress=False, mesh=None,
               method='auto'):
   """Approximate greedy coreset of `bank_features` [N, D] -> (knn.Bank, indices [M]).
 
-  `screen` adds the bfloat16 screening copy to the bank (`knn.screened_nearest_neighbour`);
+  `screen` (True, or 'auto': on the CPU) adds the bfloat16 screening copy to the bank
+  (`knn.screened_nearest_neighbour`);
   `progress` shows a progress bar of the greedy iterations (besides the log lines); `mesh`
   splits the greedy loop over its devices (`sharded.greedy_coreset_loop`: the same picks, and
   one progress report at the end). A `DiskBank` is read block by block for the projection and

@@ -48,9 +48,11 @@ class Settings:
   coreset_method: str = 'auto'
   # Search and scoring (knn, scoring).
   k: int = 1
-  block_size: int = 128
+  # Scan block rows and the bfloat16 screen: 'auto' picks per backend when the bank is prepared
+  # (knn.resolve_block_size, knn.resolve_screen); else a positive int and True/False.
+  block_size: Any = 'auto'
   precision: str = 'highest'
-  screen: bool = True
+  screen: Any = 'auto'
   distance: str = 'squared_l2'
   sigma: float = 4.0
   reweight: bool = False
@@ -88,7 +90,11 @@ class Settings:
         ('projection_dim', self.projection_dim >= 1, 'positive'),
         ('num_starts', self.num_starts >= 1, 'positive'),
         ('k', self.k >= 1, 'at least 1'),
-        ('block_size', self.block_size >= 1, 'positive'),
+        ('block_size', self.block_size == 'auto' or (
+            isinstance(self.block_size, int) and not isinstance(self.block_size, bool)
+            and self.block_size >= 1), "a positive integer or 'auto'"),
+        ('screen', self.screen == 'auto' or isinstance(self.screen, bool),
+         "True, False or 'auto'"),
         ('coreset_method', self.coreset_method in coreset_lib.METHODS,
          f'one of {coreset_lib.METHODS}'),
         ('precision', self.precision in ('default', 'high', 'highest'),

@@ -257,6 +257,9 @@ def test_defective_image_without_mask_is_left_out_of_pixel_metrics(tmp_path):
     ('calibration__holdout', 1.0, r'config.calibration.holdout=1.0'),
     ('scoring__distance', 'cosine', r"distance \(scoring.distance\) = 'cosine'"),
     ('coreset__method', 'fast', r"coreset_method \(coreset.method\) = 'fast' is not allowed: must be one of \('auto', 'lazy', 'full'\)"),
+    ('knn__block_size', '0', r"block_size \(knn.block_size\) = 0 is not allowed: must be a positive integer or 'auto'"),
+    ('knn__block_size', 'big', r"block_size \(knn.block_size\) = 'big' is not allowed"),
+    ('knn__screen', 'maybe', r"screen \(knn.screen\) = 'maybe' is not allowed: must be True, False or 'auto'"),
     ('coreset__memory_budget_gb', -1.0, r'config.coreset.memory_budget_gb=-1.0 is not allowed'),
     ('coreset__spill_dir', '/nonexistent/spill', r"config.coreset.spill_dir='/nonexistent/spill': not a writable folder"),
 ])
@@ -267,6 +270,17 @@ def test_bad_config_values_fail_before_any_work(tmp_path, field, value, message)
     experiment.run(_tiny_config(root, **{field: value}), str(tmp_path / 'out'))
   assert time.perf_counter() - start < 10  # No backbone was run.
   assert not os.path.exists(tmp_path / 'out' / 'status.json')  # The workdir was not touched.
+
+
+def test_search_settings_read_from_the_command_line():
+  config = mvtec.get_config()
+  assert config_lib.settings_from_config(config).block_size == 'auto'
+  for text, block_size, screen in (('512', 512, 'False'), (' 64 ', 64, 'TRUE'),
+                                   ('auto', 'auto', 'auto')):
+    config.knn.block_size, config.knn.screen = text, screen
+    settings = config_lib.settings_from_config(config)
+    assert settings.block_size == block_size
+    assert settings.screen == {'False': False, 'TRUE': True, 'auto': 'auto'}[screen]
 
 
 def test_image_size_larger_than_resize_is_refused(tmp_path):

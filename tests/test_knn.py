@@ -216,8 +216,52 @@ def test_screened_search_blocks_queries_and_small_banks_use_the_scan():
   forced = knn.prepare_bank(bank_features[:200], block_size=32)._replace(
       screen_t=bank.screen_t[:, :224], screen_norm=bank.screen_norm[:224],
       screen_basis=bank.screen_basis, screen_mean=bank.screen_mean)  # 7 blocks, made by hand.
-  with pytest.raises(ValueError, match='at least 9 bank blocks'):
+  with pytest.raises(ValueError, match='at least 9 screen groups'):
     knn.screened_nearest_neighbour(flat, forced)
   assert not knn.uses_screen(knn.prepare_bank(bank_features, block_size=32, screen=True))  # < 4096
   _, idx = knn.batch_nearest_neighbours(jnp.asarray(queries), small)
   np.testing.assert_array_equal(np.asarray(idx), _brute(queries, bank_features[:200], 1)[1])
+
+
+def test_auto_choices_per_backend():
+  assert knn.resolve_block_size('auto', 'cpu') == 128
+  assert knn.resolve_block_size('auto', 'gpu') == knn.ACCELERATOR_BLOCK_SIZE
+  assert knn.resolve_block_size('auto', 'tpu') == knn.ACCELERATOR_BLOCK_SIZE
+  assert knn.resolve_block_size(300, 'gpu') == 300
+  assert knn.resolve_screen('auto', 'cpu') and not knn.resolve_screen('auto', 'gpu')
+  assert knn.resolve_screen(True, 'gpu') and not knn.resolve_screen(False, 'cpu')
+  for bad in (0, -3, 'big', True, 2.5):
+    with pytest.raises(ValueError, match='block size'):
+      knn.resolve_block_size(bad)
+  with pytest.raises(ValueError, match='screen'):
+    knn.resolve_screen('yes')
+  assert [knn.screen_group_size(b) for b in (32, 128, 4096, 1000, 257)] == [32, 128, 128, 125, 1]
+
+
+def test_accelerator_bank_gives_the_cpu_banks_answers():
+  """The bank an accelerator prepares ('auto': 4096-row blocks, no screen), forced on the CPU,
+  finds the same neighbours as the CPU's (128-row blocks, screened), at float32 rounding; and a
+  screen forced on 4096-row blocks still screens (its groups do not follow the scan's blocks)."""
+  rng = np.random.default_rng(11)
+  d = 64
+  basis = rng.normal(size=(12, d))
+  bank_features = (rng.normal(size=(5000, 12)) @ basis + 0.02 * rng.normal(size=(5000, d))
+                   ).astype(np.float32)
+  queries = (rng.normal(size=(2, 100, 12)) @ basis + 0.02 * rng.normal(size=(2, 100, d))
+             ).astype(np.float32)
+  cpu = knn.prepare_bank(bank_features, block_size='auto', screen='auto', backend='cpu')
+  gpu = knn.prepare_bank(bank_features, block_size='auto', screen='auto', backend='gpu')
+  assert cpu.blocks.shape[1] == 128 and knn.uses_screen(cpu)
+  assert gpu.blocks.shape[1] == 4096 and not knn.uses_screen(gpu)
+  screened_large = knn.prepare_bank(bank_features, block_size=4096, screen=True)
+  assert knn.uses_screen(screened_large)
+  ref_d, ref_i = _brute(queries, bank_features, 1)
+  for bank in (cpu, gpu, screened_large):
+    dist, idx = knn.batch_nearest_neighbours(jnp.asarray(queries), bank)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(knn.batch_nearest_neighbours(jnp.asarray(queries), gpu)[0]),
+      np.asarray(knn.batch_nearest_neighbours(jnp.asarray(queries), cpu)[0]), rtol=1e-5)
+  # (The scan's ||q||^2 - 2 q.b + ||b||^2 against the screen's sum((q - b)^2): a few ulps of the
+  # norms, ~3e-6 relative here.)

@@ -69,6 +69,20 @@ def check(field, value, ok, allowed):
     raise errors.UserError(f'config.{field}={value!r} is not allowed: must be {allowed}')
 
 
+def _block_size(value):
+  """config.knn.block_size ('auto', or a positive integer, given as text on the command line)."""
+  if isinstance(value, str) and value.strip().isdigit():
+    return int(value)
+  return value  # 'auto', or a bad value Settings.validate names.
+
+
+def _screen(value):
+  """config.knn.screen ('auto', True or False, any case as text)."""
+  if isinstance(value, str):
+    return {'true': True, 'false': False, 'auto': 'auto'}.get(value.strip().lower(), value)
+  return value
+
+
 def settings_from_config(config):
   """The validated `Settings` a config describes."""
   dc, fc, cc, kc, sc = config.data, config.features, config.coreset, config.knn, config.scoring
@@ -77,8 +91,8 @@ def settings_from_config(config):
       patch_size=fc.patch_size, stride=fc.patch_stride, pretrain_dim=fc.pretrain_dim,
       target_dim=fc.target_dim, percentage=cc.percentage, projection_dim=cc.projection_dim,
       num_starts=cc.num_starts, coreset_method=cc.method, seed=config.seed, k=kc.k,
-      block_size=kc.block_size,
-      precision=kc.precision, screen=kc.screen, distance=sc.distance, sigma=sc.sigma,
+      block_size=_block_size(kc.block_size),
+      precision=kc.precision, screen=_screen(kc.screen), distance=sc.distance, sigma=sc.sigma,
       reweight=sc.reweight, reweight_neighbours=sc.reweight_neighbours,
       batch_size=dc.batch_size).validate(names=SETTING_NAMES)
 
