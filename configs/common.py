@@ -41,7 +41,9 @@ def get_base_config(backbone='efficientnet_lite2'):
   config.data.resize = 256  # Shorter side before the centre crop (resize_crop only).
   config.data.image_size = 224  # Network input size (the paper also runs 280 and 320).
   config.data.batch_size = 8
-  config.data.num_workers = 2  # Image-decoding threads.
+  # Image-decoding threads; 0: what the machine suits (2 on the CPU, one per core up to 16 with
+  # an accelerator: data.common.decode_workers).
+  config.data.num_workers = 0
   config.data.max_train_images = -1  # > 0: use only the first N training images.
 
   config.backbone = ml_collections.ConfigDict()
@@ -62,6 +64,10 @@ def get_base_config(backbone='efficientnet_lite2'):
   # Winograd, shifted sums; XLA's convolutions elsewhere), 'tuned' or 'xla'. Same outputs to
   # float32 rounding.
   config.backbone.conv = 'auto'
+  # What the backbone computes in: 'float32' (parity with the official code) or 'bfloat16'
+  # (mixed precision: bfloat16 weights, convolutions and activations; patch features, coreset
+  # and distances in float32). Speed and metric change: docs/benchmark.md.
+  config.backbone.dtype = 'float32'
 
   config.features = ml_collections.ConfigDict()
   config.features.patch_size = 3  # Neighbourhood aggregation p.
@@ -126,6 +132,7 @@ def sweep_config():
   sweep.proxies.sign = 'softmin'  # softmin (default) | printed (Eq. 8's sign as printed) | both.
   # Feature axes: every combination is extracted once ('()': the config's own value).
   sweep.backbones = ()  # Backbone names.
+  sweep.dtypes = ()  # Backbone compute types: float32 | bfloat16 (backbone.dtype).
   sweep.hierarchies = ()  # Feature levels, '+'-joined: '2+3' (default stages), '1+2+3', ...
   sweep.image_sizes = ()  # Network input sizes; data.resize is scaled alike (224/256 -> 280/320).
   sweep.patch_sizes = ()  # Neighbourhood sizes p.

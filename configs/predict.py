@@ -24,7 +24,7 @@ def get_config(arg=None):
   config.model = ''  # A saved model directory (WORKDIR/models/<category> of an experiment run).
   config.images = ''  # Folder (recursive), glob, text file of paths, or one image.
   config.batch_size = 0  # 0: the model's batch size (bit-identical scores to its fit run).
-  config.num_workers = 2  # Image-decoding threads.
+  config.num_workers = 0  # Image-decoding threads (0: what the machine suits, as data.num_workers).
   config.threshold = -1.0  # >= 0: use this image (and pixel) threshold instead of the model's.
   config.checkpoint = ''  # The backbone's weights file, if the one recorded in the model moved.
   config.cache_dir = ''  # Converted backbone weights ('' -> $PATCHCORE_JAX_CACHE or ~/.cache).

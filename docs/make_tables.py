@@ -30,7 +30,7 @@ ROOT = os.path.dirname(DOCS)
 sys.path.insert(0, ROOT)  # The tables of benchmarks and sweeps use the package's own renderers.
 RESULTS = os.path.join(DOCS, 'results')
 KEPT = ('results.json', 'config.json', 'summary.json', 'benchmark.json', 'sweep.json',
-        'timings.json', 'scale.json', 'predictions.csv', 'scores', 'soak.json')
+        'timings.json', 'scale.json', 'predictions.csv', 'scores', 'soak.json', 'gpu_check.json')
 
 
 def _machine():
@@ -325,6 +325,55 @@ def backbones():
                  f'{"" if eager is None else f"{1000 * eager.median_seconds:.0f}"} | '
                  f'{_recorded(name)} |')
   return '\n'.join(lines)
+
+
+# (recorded sweep, data) of the mixed-precision table, in order.
+PRECISION = (('precision_bottle', 'MVTec bottle'), ('precision_mtd', 'MTD'))
+
+
+@table
+def precision():
+  """float32 against bfloat16 backbones, measured side by side in one sweep per dataset."""
+  lines = ['| data | backbone | coreset | dtype | image AUROC | pixel AUROC | AU-PRO | embedding '
+           'ms / image | search ms / image | ms / image |', '|---|---|---|---|---|---|---|---|---|---|']
+  commands = []
+  for name, data in PRECISION:
+    records = _load(name, 'sweep.json')
+    if not records:
+      continue
+    base = {(r['variant']['backbone'], r['variant'].get('percentage')): r for r in records
+            if r['variant'].get('dtype') == 'float32'}
+    for r in records:
+      v = r['variant']
+      f32 = base.get((v['backbone'], v.get('percentage')))
+      change = lambda key, scale=100: '' if f32 is None or v['dtype'] == 'float32' or \
+          r[key] is None else f' ({scale * (r[key] - f32[key]):+.2f})'
+      speed = '' if f32 is None or v['dtype'] == 'float32' else \
+          f' ({f32["ms_per_image"] / r["ms_per_image"]:.2f}x)'
+      lines.append(
+          f'| {data} | {v["backbone"]} | {100 * v["percentage"]:g} % | {v["dtype"]} | '
+          f'{_pct(r["image_auroc"])}{change("image_auroc")} | '
+          f'{_pct(r["pixel_auroc"])}{change("pixel_auroc")} | {_pct(r["au_pro"])}{change("au_pro")} '
+          f'| {r["embed_ms_per_image"]:.1f} | {r["score_ms_per_image"]:.1f} | '
+          f'{r["ms_per_image"]:.1f}{speed} |')
+    run = _load(name, 'run.json')
+    commands.append(f'    {run["command"]}  # {name}: {run["wall_seconds"]:.0f} s, '
+                    f'{run["machine"]}, {_recorded(name)}')
+  if not commands:
+    return '(not recorded: python docs/make_tables.py record precision_bottle -- python launch.py --config=configs/precision.py ...)'
+  return '\n'.join(lines + ['', 'Commands:', ''] + commands)
+
+
+@table
+def gpu_check_cpu():
+  """The GPU check's stored CPU reference (the check run with allow_cpu=True)."""
+  from patchcore_jax.jobs import gpu_check  # pylint: disable=g-import-not-at-top
+  report = _load('gpu_check_cpu', 'gpu_check.json')
+  if report is None:
+    return '(not recorded: python docs/make_tables.py record gpu_check_cpu -- python launch.py --config=configs/gpu_check.py --config.allow_cpu=True ...)'
+  run = _load('gpu_check_cpu', 'run.json')
+  body = gpu_check.markdown(report).split('\n', 2)[2].replace('\n## ', '\n#### ')
+  return body.rstrip('\n') + f'\n\n`{run["command"]}`: {_recorded("gpu_check_cpu")}.'
 
 
 # (recorded sweep, title) of the paper page, in order.

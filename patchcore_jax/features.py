@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from patchcore_jax import backbones as backbones_lib
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -402,7 +404,8 @@ def embed(backbone_apply, variables, images, *, stages, patch_size=3, stride=1,
 
 def make_embed_fn(backbone, *, patch_size=3, stride=1, pretrain_dim=1024, target_dim=1024):
   """A jitted `images [B, H, W, 3] -> [B, h, w, target_dim]` for a `backbones.Backbone`."""
+  apply = functools.partial(backbones_lib.apply_model, backbone.model, dtype=backbone.dtype)
   fn = jax.jit(functools.partial(
-      embed, backbone.model.apply, stages=backbone.stages, patch_size=patch_size, stride=stride,
+      embed, apply, stages=backbone.stages, patch_size=patch_size, stride=stride,
       pretrain_dim=pretrain_dim, target_dim=target_dim))
   return functools.partial(fn, backbone.variables)

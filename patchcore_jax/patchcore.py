@@ -82,7 +82,7 @@ def _coreset(bank_features, settings, *, key, progress, mesh):
 
 
 def fit(backbone, images, settings=None, *, holdout=0.0, target_fpr=0.01, key=None,
-        num_workers=2, progress=True, memory_budget_bytes=None, spill_dir=None, mesh=None,
+        num_workers=0, progress=True, memory_budget_bytes=None, spill_dir=None, mesh=None,
         cache=stages.DEFAULT_CACHE):
   """Fits PatchCore on good images.
 
@@ -96,7 +96,7 @@ def fit(backbone, images, settings=None, *, holdout=0.0, target_fpr=0.01, key=No
       (0: no threshold from the fit).
     target_fpr: the held-out images' false-positive rate the threshold aims for.
     key: PRNG key for the coreset (default: jax.random.key(settings.seed)).
-    num_workers: image-decoding threads.
+    num_workers: image-decoding threads (0: what the machine suits, `data.decode_workers`).
     progress: show progress bars (tqdm.auto: in notebooks and terminals).
     memory_budget_bytes: a memory bank larger than this streams to a file
       (`memory_bank.DiskBank`) in `spill_dir` (default: the system's temporary directory);
@@ -128,7 +128,8 @@ def fit(backbone, images, settings=None, *, holdout=0.0, target_fpr=0.01, key=No
   waits = {}
   bank_features = memory_bank.build_memory_bank(
       lambda x: stages.embed_batch(backbone, x, settings, mesh, cache=cache),
-      _images(settings, mine, num_workers), num_images=len(mine), progress=update,
+      data_common.to_device(_images(settings, mine, num_workers), ahead=0 if mesh else None),
+      num_images=len(mine), progress=update,
       timings=waits, memory_budget_bytes=memory_budget_bytes, spill_dir=spill_dir)
   if bar is not None:
     bar.close()
@@ -191,12 +192,15 @@ def predict_batch(model, batch, *, timings=None, mesh=None, cache=stages.DEFAULT
 
 def predict_batches(model, batches, *, timings=None, mesh=None, cache=stages.DEFAULT_CACHE):
   """Yields `predict_batch` of every `data.Batch` in `batches`; `timings` also accumulates
-  'decode_wait' (the seconds spent waiting for `batches`)."""
+  'decode_wait' (the seconds spent waiting for `batches`). On an accelerator (without a `mesh`)
+  the next batches' copies to the device are issued before a batch is scored
+  (`data.to_device`), so `batches` is read ahead."""
+  batches = data_common.to_device(batches, ahead=0 if mesh else None)
   for batch in timing.timed_iter(batches, timings, 'decode_wait'):
     yield predict_batch(model, batch, timings=timings, mesh=mesh, cache=cache)
 
 
-def predict(model, images, *, num_workers=2, progress=False, mesh=None,
+def predict(model, images, *, num_workers=0, progress=False, mesh=None,
             cache=stages.DEFAULT_CACHE):
   """Scores `images` (paths or arrays, see module docstring) -> `Prediction`; `mesh` as in
   `predict_batch`."""

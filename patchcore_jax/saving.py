@@ -82,6 +82,7 @@ def save(model, directory, *, include_backbone=False, backbone=None, overwrite=T
             'name': bb.name, 'stages': list(bb.stages), 'weights_sha256': bb.weights_sha256,
             'checkpoint': bb.checkpoint, 'random_seed': bb.random_seed,
             'bn_probe_passes': bb.bn_probe_passes, 'fold_batchnorm': bb.folded,
+            'dtype': bb.dtype,
         },
         'settings': {f: getattr(model.settings, f) for f in model.settings.__dataclass_fields__},
         'calibration': model.calibration.to_dict(),
@@ -160,9 +161,14 @@ def _load_backbone(directory, record, *, checkpoint, cache_dir):
         f'{os.path.join(directory, MODEL_FILE)} was fitted with {name} weights of sha256 {expected}, '
         f'but {source} has sha256 {backbone.weights_sha256}: scores would not be comparable. '
         'Pass the original weights file (checkpoint=...), or refit.')
-  return backbones_lib.prepare(backbone, image_size=record['settings']['image_size'],
-                               probe_passes=spec.get('bn_probe_passes', 0),
-                               fold=bool(spec.get('fold_batchnorm')))
+  dtype = spec.get('dtype', 'float32')
+  if dtype not in backbones_lib.DTYPES:
+    raise errors.UserError(f'{os.path.join(directory, MODEL_FILE)}: backbone dtype {dtype!r} is '
+                           f'not one of {backbones_lib.DTYPES}')
+  backbone = backbones_lib.prepare(backbone, image_size=record['settings']['image_size'],
+                                   probe_passes=spec.get('bn_probe_passes', 0),
+                                   fold=bool(spec.get('fold_batchnorm')))
+  return backbones_lib.with_dtype(backbone, dtype)
 
 
 def load(directory, *, checkpoint='', cache_dir=''):

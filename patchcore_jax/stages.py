@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from patchcore_jax import backbones
 from patchcore_jax import errors
 from patchcore_jax import features as features_lib
 from patchcore_jax import ivfpq
@@ -105,9 +106,12 @@ def replicate(tree, mesh):
   return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def embed(variables, images, *, model, stages, patch_size, stride, pretrain_dim, target_dim):
-  """images [B, S, S, 3] in [0, 1] -> patch features [B, h, w, D] (`features.embed`)."""
-  return features_lib.embed(model.apply, variables, images, stages=stages, patch_size=patch_size,
+def embed(variables, images, *, model, stages, patch_size, stride, pretrain_dim, target_dim,
+          dtype='float32'):
+  """images [B, S, S, 3] in [0, 1] -> patch features [B, h, w, D] float32 (`features.embed`;
+  the backbone computes in `dtype`: `backbones.apply_model`)."""
+  apply = functools.partial(backbones.apply_model, model, dtype=dtype)
+  return features_lib.embed(apply, variables, images, stages=stages, patch_size=patch_size,
                             stride=stride, pretrain_dim=pretrain_dim, target_dim=target_dim)
 
 
@@ -150,7 +154,8 @@ def _static(**kwargs):
 
 
 def _embed_static(backbone, settings):
-  return _static(model=backbone.model, stages=tuple(backbone.stages), **settings.feature_config)
+  return _static(model=backbone.model, stages=tuple(backbone.stages), dtype=backbone.dtype,
+                 **settings.feature_config)
 
 
 def _score_static(settings, mesh, with_index=False, nprobe=None):

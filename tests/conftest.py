@@ -96,6 +96,9 @@ SLOW = (
     'test_patchcore.py::test_load_refuses_broken_models_naming_the_file',  # 12 s
     'test_backbones.py::test_vgg16_matches_torch_with_real_weights',  # 12 s
     'test_backbones.py::test_fold_batchnorm_keeps_outputs[resnext50_32x4d]',  # 11 s
+    'test_backbones.py::test_bfloat16_backbone_is_mixed_precision_on_both_paths[efficientnet_lite0]',
+    'test_backbones.py::test_bfloat16_backbone_is_mixed_precision_on_both_paths[resnet18]',
+    'test_gpu_check.py::test_runs_end_to_end_on_the_cpu_when_allowed',  # 35 s
 )
 
 

@@ -350,3 +350,42 @@ def test_conv_implementation_choice():
   assert 'conv_general_dilated' in jaxpr  # Not the shifted sums the CPU takes for an RGB stem.
   tuned = str(jax.make_jaxpr(lambda v: conv.clone(impl='tuned').apply(v, x))(variables))
   assert 'conv_general_dilated' not in tuned
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of its sub-jaxprs (jit, einsum, loops)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = sub if hasattr(sub, 'eqns') else getattr(sub, 'jaxpr', None)
+        if hasattr(inner, 'eqns'):
+          yield from _equations(inner)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'efficientnet_lite0'])
+def test_bfloat16_backbone_is_mixed_precision_on_both_paths(name):
+  """backbone.dtype='bfloat16': float32 stage outputs within bfloat16's rounding of the float32
+  network's, on the CPU's tuned paths (bfloat16 products, float32 activations) and the
+  accelerators' XLA path (bfloat16 activations too), every product in bfloat16."""
+  bb = backbones.load_backbone(name, random_seed=0, image_size=32)
+  x = jnp.asarray(np.random.default_rng(1).random((1, 32, 32, 3), np.float32))
+  reference = bb.apply(x)
+  for conv, activation in (('tuned', jnp.float32), ('xla', jnp.bfloat16)):
+    low = backbones.with_dtype(backbones.with_conv(bb, conv), 'bfloat16')
+    assert low.dtype == 'bfloat16' and low.variables is bb.variables  # Weights kept in float32.
+    eqns = list(_equations(jax.make_jaxpr(low.apply)(x).jaxpr))
+    # Every product on activations (not Winograd's kernel transform, [16, 9] x [9, I * O] on the
+    # weights, computed in float32 and then rounded).
+    products = [e for e in eqns if e.primitive.name in ('dot_general', 'conv_general_dilated')
+                and e.invars[0].aval.shape != (16, 9)]
+    assert products and all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars), conv
+    assert all(e.outvars[0].aval.dtype == jnp.float32 for e in products), conv  # Accumulation.
+    maxes = [e for e in eqns if e.primitive.name == 'max']  # ReLUs.
+    assert maxes and {e.outvars[0].aval.dtype for e in maxes} == {jnp.dtype(activation)}, conv
+    for stage, value in low.apply(x).items():
+      assert value.dtype == jnp.float32
+      error = float(jnp.linalg.norm(value - reference[stage]) / jnp.linalg.norm(reference[stage]))
+      assert 1e-4 < error < 0.05, (conv, stage, error)
+  with pytest.raises(ValueError, match='dtype must be one of'):
+    backbones.with_dtype(bb, 'float16')

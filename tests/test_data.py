@@ -172,3 +172,35 @@ def test_all_mvtec_categories_means_those_present(tmp_path):
   assert mvtec.resolve_categories(('screw',), str(tmp_path)) == ('screw',)
   with pytest.raises(errors.UserError, match='no MVTec AD category folder under'):
     mvtec.present_categories(str(tmp_path / 'not_a_category'))
+
+
+def test_device_copies_are_issued_ahead_of_the_consumer():
+  """to_device(ahead=2): when batch i is handed out, batches i + 1 and i + 2 have been put on the
+  device; order and values unchanged; ahead=0 (the CPU default) hands the batches through."""
+  from patchcore_jax.data import common  # pylint: disable=g-import-not-at-top
+  pulled = []
+
+  def source():
+    for i in range(5):
+      pulled.append(i)
+      yield common.Batch(np.full((2, 4, 4, 3), i, np.float32), 2, np.zeros((2, 4, 4), bool))
+
+  for i, batch in enumerate(common.to_device(source(), ahead=2)):
+    assert isinstance(batch.images, jax.Array) and isinstance(batch.masks, np.ndarray)
+    assert float(batch.images[0, 0, 0, 0]) == i
+    assert pulled == list(range(min(i + 3, 5)))
+  same = list(common.to_device(iter([common.Batch(np.ones((1, 2, 2, 3)), 1)]), ahead=0))
+  assert isinstance(same[0].images, np.ndarray)
+  assert common.default_device_prefetch() == (0 if jax.default_backend() == 'cpu' else 2)
+
+
+def test_decode_workers_per_backend(monkeypatch):
+  from patchcore_jax.data import common  # pylint: disable=g-import-not-at-top
+  assert common.decode_workers(5) == 5
+  monkeypatch.setattr(common.jax, 'default_backend', lambda: 'cpu')
+  assert common.decode_workers(0) == 2
+  monkeypatch.setattr(common.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(common.os, 'cpu_count', lambda: 64)
+  assert common.decode_workers(0) == 16
+  monkeypatch.setattr(common.os, 'cpu_count', lambda: 1)
+  assert common.decode_workers(0) == 2

@@ -87,6 +87,20 @@ def test_arrays_and_files_give_the_same_scores(model, tiles):
     patchcore.predict(model, floats[:, :64, :64])
 
 
+def test_accelerator_input_pipeline_forced_on_the_cpu_gives_the_same_model(
+    model, backbone, tiles, monkeypatch):
+  """The accelerators' pipeline (images copied to the device two batches ahead, decoding read
+  ahead) forced on the CPU: the same bank and the same scores, bit for bit."""
+  from patchcore_jax.data import common  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(common, 'default_device_prefetch', lambda: 2)
+  monkeypatch.setattr(common, 'default_prefetch', lambda: 2)
+  ahead = patchcore.fit(backbone, tiles[0], SETTINGS, holdout=0.2, target_fpr=0.25,
+                        progress=False)
+  np.testing.assert_array_equal(np.asarray(ahead.bank.blocks), np.asarray(model.bank.blocks))
+  np.testing.assert_array_equal(patchcore.predict(ahead, tiles[1]).image_scores,
+                                patchcore.predict(model, tiles[1]).image_scores)
+
+
 def test_fit_rejects_bad_settings(backbone, tiles):
   with pytest.raises(TypeError, match='precentage'):
     patchcore.fit(backbone, tiles[0], precentage=0.1)  # pylint: disable=unexpected-keyword-arg

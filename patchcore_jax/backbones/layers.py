@@ -48,8 +48,8 @@ def _winograd_planes(kernel, *, tile=2):
   """
   g = _WINOGRAD[tile][1].astype(np.float32)
   i, o = kernel.shape[2:]
-  u = jnp.dot(jnp.asarray(np.kron(g, g)), kernel.reshape(9, i * o),
-              precision=lax.Precision.HIGHEST)
+  u = jnp.dot(jnp.asarray(np.kron(g, g)), kernel.reshape(9, i * o).astype(jnp.float32),
+              precision=lax.Precision.HIGHEST).astype(kernel.dtype)  # In float32, then rounded.
   return [u[p].reshape(i, o) for p in range(u.shape[0])]
 
 
@@ -101,7 +101,8 @@ def winograd_conv3x3(x, kernel, *, tile=2, precision=lax.Precision.HIGHEST):
   u = _winograd_planes(kernel, tile=tile)
   # Separate dots, not one batched dot over a stacked [n * n, ...] array: stacking the
   # transformed planes is a slow concatenation on XLA's CPU backend.
-  m = [jnp.dot(vi.reshape(-1, c), u[i], precision=precision).reshape(b, th, tw, -1)
+  m = [jnp.dot(vi.reshape(-1, c).astype(u[i].dtype), u[i], precision=precision,
+               preferred_element_type=jnp.float32).reshape(b, th, tw, -1)
        for i, vi in enumerate(v)]
   rows = [_combine(at, m[n * a:n * a + n]) for a in range(n)]
   # y[q][p]: output pixel (tile * t + p, tile * s + q).
@@ -190,6 +191,10 @@ class Conv(nn.Module):
   `winograd_conv3x3` (where it measured faster) unless `winograd=False`. Everything else is
   `lax.conv_general_dilated`. Grouped 1x1 convolutions use the general path.
 
+  Mixed precision (`backbones.apply_model`): the products take their operands in the kernel's
+  dtype (a bfloat16 kernel: bfloat16 operands) and accumulate in float32; the output has x's
+  dtype (bfloat16 activations where the caller passes them, float32 otherwise).
+
   Attributes:
     features: output channels.
     kernel_size: (kh, kw).
@@ -221,13 +226,14 @@ class Conv(nn.Module):
     # A 1x1 kernel under 'SAME' pads nothing, as under 'VALID'.
     unpadded = self.padding in ('SAME', 'VALID') or all(p == (0, 0) for p in map(tuple, self.padding))
     if not tuned:
-      y = lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+      y = lax.conv_general_dilated(x.astype(kernel.dtype), kernel, self.strides, self.padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                    feature_group_count=self.feature_group_count,
-                                   precision=self.precision)
+                                   precision=self.precision, preferred_element_type=jnp.float32)
     elif (kh, kw) == (1, 1) and self.feature_group_count == 1 and unpadded:
       sh, sw = self.strides
-      y = jnp.einsum('bhwc,cd->bhwd', x[:, ::sh, ::sw], kernel[0, 0], precision=self.precision)
+      y = jnp.einsum('bhwc,cd->bhwd', x[:, ::sh, ::sw].astype(kernel.dtype), kernel[0, 0],
+                     precision=self.precision, preferred_element_type=jnp.float32)
     elif (self.feature_group_count == 1 and kh * kw * cin <= SHIFTED_MAX_TAPS
           and tuple(self.strides) != (1, 1)):
       y = shifted_conv(x, kernel, tuple(self.strides), self.padding)
@@ -237,12 +243,14 @@ class Conv(nn.Module):
           and x.shape[1] * x.shape[2] <= WINOGRAD_MAX_PIXELS):
       y = winograd_conv3x3(x, kernel, precision=self.precision)
     else:
-      y = lax.conv_general_dilated(x, kernel, self.strides, self.padding,
+      y = lax.conv_general_dilated(x.astype(kernel.dtype), kernel, self.strides, self.padding,
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                    feature_group_count=self.feature_group_count,
-                                   precision=self.precision)
+                                   precision=self.precision, preferred_element_type=jnp.float32)
+    y = y.astype(x.dtype)
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
+          x.dtype)
     return y
 
 
@@ -308,14 +316,15 @@ class DepthwiseConv(nn.Module):
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
     pads = 'SAME' if self.padding == 'SAME' else ((int(self.padding),) * 2,) * 2
     if resolve_conv(self.impl) == 'xla':
-      return lax.conv_general_dilated(x, kernel, (s, s), pads,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      feature_group_count=c, precision=lax.Precision.HIGHEST)
+      return lax.conv_general_dilated(
+          x.astype(kernel.dtype), kernel, (s, s), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=c, precision=lax.Precision.HIGHEST,
+          preferred_element_type=jnp.float32).astype(x.dtype)
     out = None
     for i, j, window in _shifted_windows(x, (k, k), (s, s), pads):
       tap = window * kernel[i, j, 0]
       out = tap if out is None else out + tap
-    return out
+    return out.astype(x.dtype)
 
 
 def deepest_stage(stages, order, model_name):

@@ -12,6 +12,7 @@ from typing import Tuple
 
 from patchcore_jax import errors
 from patchcore_jax.data.common import Batch, check_split, image_batches, iterate_batches
+from patchcore_jax.data.common import to_device
 from patchcore_jax.data.common import open_file, Sample, Split
 from patchcore_jax.data.folder import folder_split
 from patchcore_jax.data.mtd import mtd_split

@@ -4,6 +4,7 @@ A `Sample` names its image (and mask) by path. Samples read from a file-less sto
 `data_source`) carry a `source` whose `read(name)` returns the file's bytes; `open_image_file`
 gives either to the decoder, so both paths decode the very same bytes the same way.
 """
+import collections
 import concurrent.futures
 import dataclasses
 import io
@@ -170,9 +171,51 @@ def default_prefetch():
   return 0 if jax.default_backend() == 'cpu' else 2
 
 
+def default_device_prefetch():
+  """Batches whose host-to-device copy is issued ahead of the one being computed: 2 on an
+  accelerator (the copies run beside the compute, and the next batch is on the device before
+  the current batch's results are pulled), 0 on the CPU backend (no copy to hide)."""
+  return 0 if jax.default_backend() == 'cpu' else 2
+
+
+def decode_workers(num_workers):
+  """Image-decoding threads for `num_workers` (config.data.num_workers): itself when positive;
+  0 means what the machine suits: 2 on the CPU backend (the compute uses every core), on an
+  accelerator one per CPU core up to 16 (a 900-px PNG takes ~20 ms to decode: two threads feed
+  100 images/s, far below a GPU's backbone)."""
+  if num_workers > 0:
+    return num_workers
+  return 2 if jax.default_backend() == 'cpu' else max(2, min(16, os.cpu_count() or 2))
+
+
+def lookahead(items, *, ahead, put):
+  """Yields put(item) for every item of `items`, in order, calling `put` on the next `ahead` items
+  before an item is handed out (`to_device`)."""
+  queue = collections.deque()
+  for item in items:
+    queue.append(put(item))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def to_device(batches, *, ahead=None):
+  """Yields the `Batch`es of `batches` with their images as device arrays, the host-to-device
+  copies of the next `ahead` batches (None: `default_device_prefetch()`) issued before a batch is
+  handed out, so that they overlap its compute and the pull of its results. ahead=0 yields the
+  batches as they are. Masks stay on the host."""
+  ahead = default_device_prefetch() if ahead is None else ahead
+  if ahead <= 0:
+    yield from batches
+    return
+  yield from lookahead(batches, ahead=ahead,
+                       put=lambda batch: batch._replace(images=jax.device_put(batch.images)))
+
+
 def map_in_batches(fn, items, *, batch_size, num_workers=2, prefetch=None):
   """Yields, per batch of `batch_size` items in order, a list of (item, fn(item) or None, error or
-  None). `fn` runs in `num_workers` threads, at most `prefetch` batches ahead of the consumer
+  None). `fn` runs in `num_workers` threads (0: `decode_workers`), at most `prefetch` batches ahead of the consumer
   (None: `default_prefetch()`), so memory stays bounded however many items there are. An item
   whose `fn` raises gets its exception instead of a value; the caller decides whether that stops
   the run."""
@@ -184,7 +227,7 @@ def map_in_batches(fn, items, *, batch_size, num_workers=2, prefetch=None):
       return item, None, error
 
   batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(decode_workers(num_workers)) as pool:
     ahead = default_prefetch() if prefetch is None else prefetch
     pending = []
     for i, _ in enumerate(batches):

@@ -4,6 +4,7 @@
   predict     scores new images with a saved model
   sweep       many PatchCore variants in one process (the paper's tables and figures)
   benchmark   every stage timed under jit and eagerly, against the machine's limits
+  gpu_check   the accelerator paths proved and timed on a GPU in minutes
 
 Each is a module with `run(config, workdir)`. `config` (the config boundary) turns a ConfigDict
 into the library's records; `workdir` is the workdir contract (status.json, one run per
@@ -13,7 +14,7 @@ import importlib
 
 # config.job -> the module that runs it.
 JOBS = {'patchcore': 'experiment', 'predict': 'predict', 'sweep': 'sweep',
-        'benchmark': 'benchmark'}
+        'benchmark': 'benchmark', 'gpu_check': 'gpu_check'}
 
 
 def run(config, workdir):

@@ -41,7 +41,7 @@ SETTING_NAMES = {field: f'{field} ({source})' for field, source in CONFIG_FIELDS
 class RunOptions:
   """How an experiment runs, beside the model's settings."""
   seed: int = 0
-  num_workers: int = 2  # Image-decoding threads.
+  num_workers: int = 0  # Image-decoding threads (0: data.common.decode_workers).
   max_train_images: int = -1  # > 0: only the first N training images.
   holdout: float = 0.0  # Fraction of the training images held out to calibrate on.
   target_fpr: float = 0.01
@@ -109,12 +109,14 @@ def backbone_spec(config):
   check('backbone.official_bn_probe_passes', bb.official_bn_probe_passes,
         bb.official_bn_probe_passes >= 0, '>= 0')
   check('backbone.conv', bb.conv, bb.conv in layers.CONV_IMPLS, f'one of {layers.CONV_IMPLS}')
+  check('backbone.dtype', bb.dtype, bb.dtype in backbones.DTYPES, f'one of {backbones.DTYPES}')
   if bb.checkpoint and not os.path.isfile(bb.checkpoint):
     raise errors.UserError(f'config.backbone.checkpoint={bb.checkpoint!r}: no such file')
   return backbones.BackboneSpec(
       name=bb.name, stages=stages, checkpoint=bb.checkpoint, cache_dir=bb.cache_dir,
       random_seed=bb.random_seed if bb.random_seed >= 0 else None,
-      probe_passes=bb.official_bn_probe_passes, fold=bb.fold_batchnorm, conv=bb.conv)
+      probe_passes=bb.official_bn_probe_passes, fold=bb.fold_batchnorm, conv=bb.conv,
+      dtype=bb.dtype)
 
 
 def data_spec(config, workdir=None):
@@ -143,7 +145,8 @@ def data_spec(config, workdir=None):
 def run_options(config):
   """The `RunOptions` of an experiment config, checked (devices against this process's)."""
   dc, cal, out, cc = config.data, config.calibration, config.output, config.coreset
-  check('data.num_workers', dc.num_workers, dc.num_workers >= 1, 'at least 1')
+  check('data.num_workers', dc.num_workers, dc.num_workers >= 0,
+        '>= 0 (0: what the machine suits)')
   check('calibration.holdout', cal.holdout, 0.0 <= cal.holdout < 1.0, 'in [0, 1)')
   check('calibration.target_fpr', cal.target_fpr, 0.0 < cal.target_fpr < 1.0, 'in (0, 1)')
   check('output.num_overlays', out.num_overlays, out.num_overlays >= 0, '>= 0')

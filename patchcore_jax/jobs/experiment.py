@@ -80,11 +80,13 @@ def run_category(experiment, backbone, split, workdir, key, no_mask=(), mesh=Non
   masks = np.empty((n_mine, size, size), bool)
   done = 0
 
-  def batches():
+  def batches():  # Read ahead of the scoring on accelerators (predict_batches): its own count.
+    read = 0
     for batch in data_lib.iterate_batches(
         split.test[first:last], batch_size=settings.batch_size,
         image_config=settings.image_config, with_masks=True, num_workers=options.num_workers):
-      masks[done:done + batch.count] = batch.masks[:batch.count]
+      masks[read:read + batch.count] = batch.masks[:batch.count]
+      read += batch.count
       yield batch
 
   inference_seconds = 0.0

@@ -50,6 +50,7 @@ import os
 import time
 
 from absl import logging
+import jax
 import numpy as np
 
 from patchcore_jax import errors
@@ -270,12 +271,11 @@ def _score_all(config, workdir, model, paths, base, run_status):
     if todo_paths:
       stages.precompile(model.backbone, settings, model.bank)
     start = last_log = time.perf_counter()
-    for offset, loaded in zip(
-        range(0, len(todo_paths), settings.batch_size), data_common.map_in_batches(
-            lambda p: _load(p, settings.image_config), todo_paths,
-            batch_size=settings.batch_size, num_workers=config.num_workers)):
+    for offset, (loaded, batch) in zip(
+        range(0, len(todo_paths), settings.batch_size),
+        _batches(todo_paths, settings, num_workers=config.num_workers)):
       batch_names = todo_names[offset:offset + len(loaded)]
-      results, seconds = _score_batch(model, loaded)
+      results, seconds = _score_batch(model, loaded, batch)
       compute_seconds += seconds
       rows.check()
       batch_rows = [_row(workdir, model, config.output, name, item, result, counts)
@@ -334,14 +334,35 @@ def _score_all(config, workdir, model, paths, base, run_status):
   return summary
 
 
-def _score_batch(model, loaded):
+def _batches(paths, settings, *, num_workers):
+  """Yields (loaded: [(path, (image, size) or None, error or None)], the `data.Batch` of its
+  readable images or None) per batch of `paths`, decoded in `num_workers` threads; on an
+  accelerator the next batches' images are copied to the device before a batch is handed out
+  (`data.common.to_device`)."""
+
+  def batched(loaded):
+    ok = [item[1][0] for item in loaded if item[2] is None]
+    return loaded, (data_common.Batch(data_common.pad_batch(ok, settings.batch_size), len(ok))
+                    if ok else None)
+
+  items = map(batched, data_common.map_in_batches(
+      lambda p: _load(p, settings.image_config), paths, batch_size=settings.batch_size,
+      num_workers=num_workers))
+  ahead = data_common.default_device_prefetch()
+  if ahead <= 0:
+    yield from items
+    return
+  yield from data_common.lookahead(items, ahead=ahead, put=lambda item: (
+      item[0], item[1] and item[1]._replace(images=jax.device_put(item[1].images))))
+
+
+def _score_batch(model, loaded, batch):
   """([(score, normalized, anomalous, map, image, size) or None per item of `loaded`], compute
-  seconds): None where the image could not be read."""
+  seconds): None where the image could not be read (`batch` holds the others, in order)."""
   ok = [j for j, (_, _, error) in enumerate(loaded) if error is None]
   if not ok:
     return [None] * len(loaded), 0.0
-  images = data_common.pad_batch([loaded[j][1][0] for j in ok], model.settings.batch_size)
-  scores, maps, _, seconds = patchcore.predict_batch(model, data_common.Batch(images, len(ok)))
+  scores, maps, _, seconds = patchcore.predict_batch(model, batch)
   normalized, anomalous = model_lib.decide(model.calibration, scores)
   results = [None] * len(loaded)
   for i, j in enumerate(ok):

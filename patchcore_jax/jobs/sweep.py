@@ -3,8 +3,8 @@
 Every table and figure of the paper is a sweep (configs/paper/). A variant is one value on each
 axis of `config.sweep`:
 
-- feature axes (`backbones`, `hierarchies`, `image_sizes`, `patch_sizes`, `strides`): every
-  combination is extracted once per category (`extract`: each training and test image through
+- feature axes (`backbones`, `dtypes`, `hierarchies`, `image_sizes`, `patch_sizes`,
+  `strides`): every combination is extracted once per category (`extract`: each training and test image through
   the backbone once), the training patches kept image by image;
 - low-shot banks (`shots` x `seeds`): the patches of that many training images, drawn per seed
   from the features already extracted (no re-extraction);
@@ -159,11 +159,12 @@ def learned_proxies(bank_features, num_proxies, *, seed=0, steps=200, batch_size
 
 def feature_variants(config):
   """Every combination of the sweep's feature axes (each defaulting to the config's value), as
-  dicts {backbone, hierarchy, image_size, patch_size, stride}; hierarchy '' means the config's
-  `backbone.stages` (or the backbone's default stages)."""
+  dicts {backbone, dtype, hierarchy, image_size, patch_size, stride}; hierarchy '' means the
+  config's `backbone.stages` (or the backbone's default stages)."""
   sc, fc = config.sweep, config.features
-  return [dict(backbone=b, hierarchy=h, image_size=s, patch_size=p, stride=st)
+  return [dict(backbone=b, dtype=dt, hierarchy=h, image_size=s, patch_size=p, stride=st)
           for b in (sc.backbones or (config.backbone.name,))
+          for dt in (sc.dtypes or (config.backbone.dtype,))
           for h in (sc.hierarchies or ('',))
           for s in (sc.image_sizes or (config.data.image_size,))
           for p in (sc.patch_sizes or (fc.patch_size,))
@@ -275,14 +276,14 @@ class Features:
   test_seconds: float = 0.0  # The test images' compiled embedding calls only.
 
 
-def extract(backbone, split, settings, *, num_workers=2):
+def extract(backbone, split, settings, *, num_workers=0):
   """Training bank and test features of `split`, each image through the backbone once."""
   start = time.perf_counter()
   stages.precompile(backbone, settings)
   embed = lambda x: stages.embed_batch(backbone, x, settings)
-  batches = lambda samples, **kw: data_lib.iterate_batches(
+  batches = lambda samples, **kw: data_lib.to_device(data_lib.iterate_batches(
       samples, batch_size=settings.batch_size, image_config=settings.image_config,
-      num_workers=num_workers, **kw)
+      num_workers=num_workers, **kw))
   train = memory_bank.build_memory_bank(embed, batches(split.train), num_images=len(split.train))
   test, masks, test_seconds = [], [], 0.0
   for batch in batches(split.test, with_masks=True):
@@ -409,6 +410,10 @@ def validate(config):
   if pc.learning_rate <= 0:
     raise errors.UserError(f'config.sweep.proxies.learning_rate={pc.learning_rate!r} is not '
                            'allowed: must be > 0')
+  bad = [d for d in sc.dtypes if d not in backbones.DTYPES]
+  if bad:
+    raise errors.UserError(f'config.sweep.dtypes={tuple(sc.dtypes)!r} is not allowed: must be '
+                           f'some of {backbones.DTYPES}')
   bad = [b for b in sc.backbones if b not in backbones.NAMES]
   if bad:
     raise errors.UserError(f'config.sweep.backbones={tuple(sc.backbones)!r}: {bad} not among '
@@ -520,7 +525,7 @@ def _category(config, name, split, settings, key, workdir, records, timings, loa
     if (fv['backbone'], fv['hierarchy']) not in loaded:  # Once per process, as the compilation.
       loaded[fv['backbone'], fv['hierarchy']] = load_backbone(
           config_lib.backbone_spec(config), fv, image_size=config.data.image_size)
-    backbone = loaded[fv['backbone'], fv['hierarchy']]
+    backbone = backbones.with_dtype(loaded[fv['backbone'], fv['hierarchy']], fv['dtype'])
     features = extract(backbone, split, fsettings, num_workers=config.data.num_workers)
     labels, masks, has_masks = features.labels, features.masks, features.has_masks
     _, h, w, _ = features.test.shape

@@ -1,0 +1,42 @@
+r"""float32 against bfloat16 backbones, side by side in one run (`backbone.dtype`).
+
+  python launch.py --config=configs/precision.py --config.data.root=/path/to/mvtec \
+      --workdir=workdirs/precision_bottle
+  python launch.py --config=configs/precision.py:dataset=mtd,percentages=0.01 \
+      --config.data.root=/path/to/mtd --workdir=workdirs/precision_mtd
+
+A sweep: every backbone's features are extracted once per dtype (float32, then bfloat16:
+bfloat16 products with float32 accumulation, float32 patch features, coreset and distances),
+each bank subsampled by the greedy coreset and scored; report.md puts image AUROC, pixel AUROC,
+AU-PRO and ms per test image (embedding + search) of the two dtypes side by side.
+
+Arguments: dataset (mvtec | mtd), category (MVTec, '+'-joined), backbones ('+'-joined, default
+vgg16+efficientnet_lite2), percentages ('+'-joined, default 0.1).
+Ours, bottle, 10 %, 2-core AMD EPYC with AVX-512 BF16: see docs/benchmark.md ("Mixed precision"),
+generated from the recorded run.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, dataset='mvtec', category='bottle',
+                          backbones='vgg16+efficientnet_lite2', percentages='0.1')
+  names = tuple(args['backbones'].split('+'))
+  config = common.get_base_config(names[0])
+  config.job = 'sweep'
+  if args['dataset'] == 'mtd':
+    config.data.name = 'mtd'
+    config.data.categories = ('mtd',)
+    config.data.transform = 'resize'  # configs/mtd.py's protocol.
+  elif args['dataset'] == 'mvtec':
+    config.data.name = 'mvtec'
+    config.data.categories = tuple(args['category'].split('+'))
+  else:
+    raise ValueError(f"dataset must be mvtec or mtd, got {args['dataset']!r}")
+  config.sweep = common.sweep_config()
+  config.sweep.backbones = names
+  config.sweep.dtypes = ('float32', 'bfloat16')
+  config.sweep.percentages = tuple(float(p) for p in args['percentages'].split('+'))
+  config.sweep.seeds = ()
+  config.lock()
+  return config
