@@ -71,8 +71,8 @@ def test_runs_end_to_end_on_the_cpu_when_allowed(tmp_path):
   with open(tmp_path / 'gpu_check.json') as f:
     assert json.load(f) == json.loads(json.dumps(report))
   assert report['ok'], report['problems']
-  for section in ('environment', 'data', 'model', 'reference', 'backbone', 'transfer', 'coreset',
-                  'knn', 'memory'):
+  for section in ('environment', 'data', 'model', 'reference', 'pipeline', 'backbone', 'transfer',
+                  'coreset', 'knn', 'memory'):
     assert section in report, section
   assert report['reference']['status'].startswith('not compared (check.max_images=12')
   assert report['model']['num_test_images'] == 12 and len(report['model']['scores']) == 12

@@ -16,6 +16,8 @@ gpu_check.json as soon as it ends (a check cut short keeps what it measured):
   backbone     the embedding (backbone and patch features) per image at each check.batch_sizes,
                float32 and bfloat16, with compile times; the convolutions' alternative
                implementation ('tuned' on an accelerator, 'xla' on the CPU) beside the default
+  pipeline     the test images scored with decoding, the copies to the device two batches
+               ahead (the accelerators' pipeline) and not
   transfer     the host-to-device copy of one batch
   coreset      ms per greedy pick, lazy and full (the same picks, checked), against the time the
                full pass's read of the projection takes at the device's measured bandwidth
@@ -209,6 +211,22 @@ def compare(result, reference):
   return problems, diffs
 
 
+def pipeline_timings(model, split, settings, *, num_workers):
+  """Images per second of the test images' scoring, decoding included, with the host-to-device
+  copies issued two batches ahead (the accelerators' pipeline) and without."""
+  out = {}
+  for ahead in (2, 0):
+    start = time.perf_counter()
+    batches = data_lib.iterate_batches(split.test, batch_size=settings.batch_size,
+                                       image_config=settings.image_config,
+                                       num_workers=num_workers)
+    for batch in data_lib.to_device(batches, ahead=ahead):
+      patchcore.predict_batch(model, batch)
+    out[f'images_per_second_ahead_{ahead}'] = len(split.test) / (time.perf_counter() - start)
+  out['default_ahead'] = data_common.default_device_prefetch()
+  return out
+
+
 def _embed_timing(backbone, settings, batch, repeats):
   """(compile seconds, median ms per image) of the embedding of `batch` images."""
   fn = functools.partial(stages.embed, **dict(stages._embed_static(backbone, settings)))  # pylint: disable=protected-access
@@ -364,6 +382,11 @@ def markdown(report):
               f'{m["fit_decode_wait_seconds"]:.1f} s), coreset {m["fit_coreset_seconds"]:.1f} s. '
               f'Predict per image: {p["total"]:.2f} ms = decode wait {p["decode_wait"]:.2f} + '
               f'features {p["features"]:.2f} + search and maps {p["search_and_maps"]:.2f} ms.']
+  if report.get('pipeline'):
+    q = report['pipeline']
+    lines += ['', f'Scoring with decoding: {q["images_per_second_ahead_2"]:.1f} images/s with the '
+              f'copies to the device two batches ahead, {q["images_per_second_ahead_0"]:.1f} '
+              f'without (this backend\'s default: {q["default_ahead"]} ahead).']
   if report.get('backbone'):
     lines += ['', '## Embedding (backbone and patch features)', '',
               '| batch | dtype | convolutions | ms per image | compile s |', '|---|---|---|---|---|']
@@ -484,6 +507,7 @@ def run(config, workdir):
       for text in problems:
         problem(f'reference: {text}')
 
+    save('pipeline', pipeline_timings(model, copy, settings, num_workers=options.num_workers))
     save('backbone', backbone_timings(backbone, settings, batch_sizes=tuple(cc.batch_sizes),
                                       repeats=cc.repeats))
     save('transfer', transfer_timing(settings, cc.repeats))
