@@ -8,7 +8,6 @@ import jax
 import pytest
 
 from configs import gpu_check as gpu_check_config
-from patchcore_jax import errors
 from patchcore_jax.jobs import gpu_check
 
 from conftest import shared_path
