@@ -16,7 +16,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'patchcore_jax')
-JOBS = ('experiment', 'predict', 'sweep', 'benchmark')
+JOBS = ('experiment', 'predict', 'sweep', 'benchmark', 'gpu_check')
 
 
 def _modules():

@@ -475,7 +475,7 @@ def run(config, workdir):
     logging.info('backend %s, devices %s', report['environment']['backend'],
                  report['environment']['devices'])
     begin = time.perf_counter()
-    copy = resized_split(split, os.path.join(workdir, 'data', name), resize=settings.resize,
+    copy = resized_split(split, os.path.join(workdir, 'data'), resize=settings.resize,
                          max_images=cc.max_images)
     copy_seconds = time.perf_counter() - begin
     decode = timing.call_times(
