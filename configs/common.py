@@ -123,6 +123,9 @@ def get_base_config(backbone='efficientnet_lite2'):
 def sweep_config():
   """The `config.sweep` fields of a sweep (patchcore_jax/jobs/sweep.py)."""
   sweep = ml_collections.ConfigDict()
+  # Methods: patchcore, and the paper's baselines padim | spade | mahalanobis (patchcore_jax.
+  # baselines) on the same backbones (sweep.backbones) and dtypes, at the stages their papers use.
+  sweep.methods = ('patchcore',)
   sweep.subsamplers = ('greedy',)  # Some of greedy | random | proxies.
   sweep.percentages = (0.1,)  # Fractions of the bank kept; 1.0: the whole bank.
   sweep.proxies = ml_collections.ConfigDict()

@@ -26,12 +26,15 @@ images (the feature pyramid of the first three levels, bilinearly brought to the
 grid), upsampled and smoothed as above.
 """
 import functools
+import time
 from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
+from patchcore_jax import backbones as backbones_lib
 from patchcore_jax import features as features_lib
 from patchcore_jax import scoring
 
@@ -45,6 +48,7 @@ SIGMA = 4.0  # Gaussian smoothing of the maps.
 # ------------------------------------------------------------------------------ Gaussians.
 
 
+@jax.jit
 def ledoit_wolf(x):
   """x: [N, D] samples -> [D, D] Ledoit-Wolf shrunk covariance (as
   sklearn.covariance.LedoitWolf().fit(x).covariance_: the mean removed, 1/N normalisation)."""
@@ -85,16 +89,18 @@ def pool(maps):
   return [jnp.mean(m, axis=(1, 2)) for m in maps]
 
 
+@jax.jit
+def _gaussian(x):
+  return jnp.mean(x, axis=0), jnp.linalg.inv(ledoit_wolf(x))
+
+
 def mahalanobis_fit(pooled):
   """pooled: per stage, the training images' pooled vectors [N, C_s] -> MahalanobisModel."""
-  means, precisions = [], []
-  for x in pooled:
-    x = jnp.asarray(x, jnp.float32)
-    means.append(jnp.mean(x, axis=0))
-    precisions.append(jnp.linalg.inv(ledoit_wolf(x)))
-  return MahalanobisModel(tuple(means), tuple(precisions))
+  fitted = [_gaussian(jnp.asarray(x, jnp.float32)) for x in pooled]
+  return MahalanobisModel(tuple(m for m, _ in fitted), tuple(p for _, p in fitted))
 
 
+@jax.jit
 def mahalanobis_scores(model, pooled):
   """pooled: per stage, [B, C_s] -> image scores [B]: the stages' Mahalanobis distances summed."""
   return sum(mahalanobis(jnp.asarray(x, jnp.float32), m, p)
@@ -131,20 +137,26 @@ def padim_channels(key, total, d):
   return jnp.sort(jax.random.permutation(key, total)[:d])
 
 
-def padim_fit(embeddings, channels, *, epsilon=PADIM_EPSILON):
-  """embeddings: [N, H, W, C] of the training images -> PadimModel on `channels`; the unbiased
-  covariance of every position plus epsilon I (N >= 2)."""
-  x = jnp.take(jnp.asarray(embeddings, jnp.float32), channels, axis=-1)
+@functools.partial(jax.jit, static_argnames=('epsilon',))
+def _padim_gaussians(x, epsilon):
   n, _, _, d = x.shape
-  if n < 2:
-    raise ValueError(f'PaDiM needs at least 2 training images, got {n}')
   mean = jnp.mean(x, axis=0)
   c = x - mean
   cov = jnp.einsum('nhwi,nhwj->hwij', c, c, precision=HI) / (n - 1)
-  cov = cov + epsilon * jnp.eye(d, dtype=jnp.float32)
-  return PadimModel(mean, jnp.linalg.inv(cov), jnp.asarray(channels))
+  return mean, jnp.linalg.inv(cov + epsilon * jnp.eye(d, dtype=jnp.float32))
 
 
+def padim_fit(embeddings, channels, *, epsilon=PADIM_EPSILON):
+  """embeddings: [N, H, W, C] of the training images -> PadimModel on `channels`; the unbiased
+  covariance of every position plus epsilon I (N >= 2)."""
+  x = jnp.take(jnp.asarray(embeddings, jnp.float32), jnp.asarray(channels), axis=-1)
+  if x.shape[0] < 2:
+    raise ValueError(f'PaDiM needs at least 2 training images, got {x.shape[0]}')
+  mean, precision = _padim_gaussians(x, float(epsilon))
+  return PadimModel(mean, precision, jnp.asarray(channels))
+
+
+@jax.jit
 def padim_scores(model, embeddings):
   """embeddings [B, H, W, C] -> [B, H, W] Mahalanobis distances to each position's Gaussian."""
   x = jnp.take(jnp.asarray(embeddings, jnp.float32), model.channels, axis=-1)
@@ -161,6 +173,7 @@ def _l2(a, b):
   return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
+@functools.partial(jax.jit, static_argnames=('k',))
 def spade_image_scores(train_pooled, test_pooled, *, k=SPADE_IMAGES):
   """train_pooled [N, C], test_pooled [B, C] -> (scores [B]: the mean L2 distance to the k
   nearest training images, their indices [B, k], nearest first); k is capped at N."""
@@ -193,9 +206,136 @@ def spade_pixel_scores(train_pyramid, test_pyramid, neighbours, *, top=SPADE_PIX
   return lax.map(lambda args: one(*args), (test_pyramid, neighbours))
 
 
+@functools.partial(jax.jit, static_argnames=('size', 'sigma'))
 def maps_and_scores(grid_scores, *, size, sigma=SIGMA):
   """[B, h, w] position scores -> (maps [B, H, W] upsampled and smoothed, image scores [B]: the
   maps' maxima), as PaDiM and SPADE's pixel scores are turned into maps."""
   maps = scoring.anomaly_maps(grid_scores, size=size, sigma=sigma)
   return maps, jnp.max(maps, axis=(1, 2))
 
+
+
+# ------------------------------------------------------------------------------ Running one.
+
+METHODS = ('padim', 'spade', 'mahalanobis')
+# Channels PaDiM keeps: the authors' 100 of ResNet-18's 448 (22 %) and 550 of WideResNet-50's
+# 1792 (31 %); other backbones keep 100, or all their channels when they have fewer.
+PADIM_DIMS = {'resnet18': 100, 'wide_resnet50_2': 550}
+PADIM_DEFAULT_DIM = 100
+
+
+def method_stages(method, strides):
+  """The stages a method reads, shallowest first, from a backbone's {stage: stride}: levels 1-3
+  (strides 4, 8, 16; the last stage of each) for PaDiM and SPADE, whose deepest pooled map also
+  ranks SPADE's images; every level from 1 up (strides 4, 8, 16, 32) for MahalanobisAD."""
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+  top = 5 if method == 'mahalanobis' else 3
+  out = []
+  for level in range(1, top + 1):
+    found = [s for s, v in strides.items() if v == 2 ** (level + 1)
+             and s not in ('stem', 'head', 'logits')]
+    if found:
+      out.append(found[-1])
+  if len(out) < 2:
+    raise ValueError(f'{method} needs stages at two levels at least, found {out}')
+  return tuple(out)
+
+
+class Run(NamedTuple):
+  """What `fit_and_score` measured: image scores [n], maps [n, S, S] (None for MahalanobisAD),
+  seconds to fit (features and the model) and to score the test images (features included)."""
+  image_scores: np.ndarray
+  maps: object
+  fit_seconds: float
+  test_seconds: float
+
+
+def fit_and_score(method, backbone, train_batches, test_batches, *, image_size, key,
+                  padim_dim=None, spade_images=SPADE_IMAGES, sigma=SIGMA, stages=None):
+  """Fits `method` on the training images and scores the test images.
+
+  Args:
+    method: one of METHODS.
+    backbone: a `backbones.Backbone` returning `stages` (default `method_stages` of the
+      method; `backbones.load_backbone(..., stages=...)`), shallowest first.
+    train_batches, test_batches: iterables of `data.Batch` (images [B, S, S, 3] in [0, 1]).
+    image_size: S (maps are S x S).
+    key: PRNG key (PaDiM's channels).
+    padim_dim: PaDiM's channels kept (default PADIM_DIMS by backbone, else PADIM_DEFAULT_DIM).
+    spade_images: SPADE's K.
+    sigma: the maps' Gaussian smoothing.
+  Returns:
+    A `Run`.
+  """
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+  stages = tuple(stages or method_stages(method, backbone.strides))
+  missing = [s for s in stages if s not in backbone.stages]
+  if missing:
+    raise ValueError(f'{method} reads stages {stages}; the backbone returns {backbone.stages}')
+  maps_of = functools.partial(_stage_maps, model=backbone.model, dtype=backbone.dtype,
+                              returned=tuple(backbone.stages), stages=stages)
+
+  def features(batches):
+    out = []
+    for batch in batches:
+      maps = maps_of(backbone.variables, jnp.asarray(batch.images))
+      out.append(jax.tree_util.tree_map(lambda m: np.asarray(m)[:batch.count], _prepare(maps)))
+    return [np.concatenate(parts) for parts in zip(*out)]
+
+  channels = None
+
+  def _prepare(maps):
+    nonlocal channels
+    if method == 'mahalanobis':
+      return pool(maps)
+    if method == 'padim':
+      embedding = padim_embedding(maps)
+      if channels is None:
+        total = embedding.shape[-1]
+        d = min(padim_dim or PADIM_DIMS.get(backbone.name, PADIM_DEFAULT_DIM), total)
+        channels = padim_channels(key, total, d)
+      return [jnp.take(embedding, channels, axis=-1)]
+    return [spade_pyramid(maps), jnp.mean(maps[-1], axis=(1, 2))]
+
+  start = time.perf_counter()
+  train = features(train_batches)
+  if method == 'mahalanobis':
+    model = mahalanobis_fit([jnp.asarray(x) for x in train])
+  elif method == 'padim':
+    model = padim_fit(jnp.asarray(train[0]), jnp.arange(train[0].shape[-1]))
+  else:
+    model = None
+  jax.block_until_ready(model)
+  fit_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  test = features(test_batches)
+  if method == 'mahalanobis':
+    scores = np.asarray(mahalanobis_scores(model, [jnp.asarray(x) for x in test]))
+    maps = None
+  else:
+    if method == 'padim':
+      grid = padim_scores(model, jnp.asarray(test[0]))
+    else:
+      scores, nearest = spade_image_scores(jnp.asarray(train[1]), jnp.asarray(test[1]),
+                                           k=spade_images)
+      grid = spade_pixel_scores(jnp.asarray(train[0]), jnp.asarray(test[0]), nearest)
+    maps, max_scores = maps_and_scores(grid, size=(image_size, image_size), sigma=sigma)
+    maps = np.asarray(maps)
+    scores = np.asarray(max_scores if method == 'padim' else scores)
+  return Run(scores, maps, fit_seconds, time.perf_counter() - start)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'dtype', 'returned'))
+def _all_maps(variables, images, *, model, dtype, returned):
+  maps = backbones_lib.apply_model(model, variables, features_lib.normalize(images), dtype=dtype)
+  return [maps[s] for s in returned]
+
+
+def _stage_maps(variables, images, *, model, dtype, returned, stages):
+  """The maps of `stages`, in that order, of images in [0, 1]: every returned stage is computed
+  by one compiled call (shared by the methods that read the same backbone)."""
+  maps = dict(zip(returned, _all_maps(variables, images, model=model, dtype=dtype,
+                                      returned=returned)))
+  return [maps[s] for s in stages]

@@ -99,6 +99,7 @@ SLOW = (
     'test_backbones.py::test_bfloat16_backbone_is_mixed_precision_on_both_paths[efficientnet_lite0]',
     'test_backbones.py::test_bfloat16_backbone_is_mixed_precision_on_both_paths[resnet18]',
     'test_gpu_check.py::test_runs_end_to_end_on_the_cpu_when_allowed',  # 35 s
+    'test_sweep.py::test_baselines_run_beside_patchcore_on_the_same_backbone',
 )
 
 

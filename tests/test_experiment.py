@@ -60,6 +60,20 @@ def test_configs_build_and_lock():
   assert demo.get_config('category=tiles').data.categories == ('tiles',)
   with pytest.raises(AttributeError):
     c.coreset.precentage = 0.1
+  from configs import gpu_check, precision  # pylint: disable=g-import-not-at-top
+  from configs.paper import comparison  # pylint: disable=g-import-not-at-top
+  from patchcore_jax.jobs import sweep  # pylint: disable=g-import-not-at-top
+  p = precision.get_config('dataset=mtd,percentages=0.01')
+  assert p.sweep.dtypes == ('float32', 'bfloat16') and p.data.name == 'mtd'
+  assert p.sweep.backbones == ('vgg16', 'efficientnet_lite2')
+  sweep.validate(p)
+  k = comparison.get_config('dataset=mtd,backbones=efficientnet_lite2')
+  assert k.sweep.methods == ('patchcore', 'padim', 'spade', 'mahalanobis')
+  assert k.data.transform == 'resize' and k.sweep.percentages == (0.1, 0.01)
+  sweep.validate(k)
+  assert gpu_check.get_config().job == 'gpu_check'
+  with pytest.raises(ValueError, match='dataset must be mvtec or mtd'):
+    comparison.get_config('dataset=visa')
 
 
 def test_run_on_a_folder_without_masks(tmp_path):

@@ -290,3 +290,30 @@ def test_a_signal_leaves_the_sweep_interrupted_not_failed(tmp_path, monkeypatch)
   status = json.load(open(tmp_path / 'out' / 'status.json'))
   assert status['status'] == 'interrupted' and status['signal'] == 'SIGTERM'
   assert status['done'] == [] and 'error' not in status
+
+
+def test_baselines_run_beside_patchcore_on_the_same_backbone(tmp_path):
+  """sweep.methods: PaDiM, SPADE and MahalanobisAD beside PatchCore, each with its own stages;
+  the baselines' records carry metrics (MahalanobisAD: image level only, saying why) and times,
+  and their score columns are the image scores."""
+  config = _greedy_config(tmp_path, 5, (0.1,))
+  config.backbone.name = 'resnet18'
+  config.backbone.random_seed = 0
+  config.sweep.methods = ('patchcore', 'padim', 'spade', 'mahalanobis')
+  records = sweep.run(config, str(tmp_path / 'out'))
+  assert [r['variant']['method'] for r in records] == ['patchcore', 'padim', 'spade',
+                                                       'mahalanobis']
+  by_method = {r['variant']['method']: r for r in records}
+  assert by_method['padim']['variant']['stages'] == 'layer1+layer2+layer3'
+  assert by_method['mahalanobis']['variant']['stages'] == 'layer1+layer2+layer3+layer4'
+  for method in ('padim', 'spade'):
+    r = by_method[method]
+    assert 0.0 <= r['image_auroc'] <= 1.0 and r['pixel_auroc'] is not None, method
+    assert r['ms_per_image'] > 0 and r['fit_seconds'] > 0 and r['memory_bank_size'] is None
+  m = by_method['mahalanobis']
+  assert m['pixel_auroc'] is None and 'whole images' in m['metric_notes']['pixel_auroc']
+  report = open(tmp_path / 'out' / 'report.md').read()
+  assert '| spade |' in report and '| mahalanobis |' in report
+  with pytest.raises(errors.UserError, match=r"config.sweep.methods=\('patchcore', 'knn'\)"):
+    config.sweep.methods = ('patchcore', 'knn')
+    sweep.run(config, str(tmp_path / 'bad'))

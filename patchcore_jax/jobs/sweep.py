@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 from patchcore_jax import backbones
+from patchcore_jax import baselines
 from patchcore_jax import coreset
 from patchcore_jax import data as data_lib
 from patchcore_jax import errors
@@ -66,6 +67,7 @@ from patchcore_jax.jobs import workdir as workdir_lib
 SUBSAMPLERS = ('greedy', 'random', 'proxies')
 PROXY_SIGNS = ('softmin', 'printed')
 SEARCHES = ('exact', 'ivfpq')
+METHODS = ('patchcore',) + baselines.METHODS
 OUTPUTS = ('config.json', 'sweep.json', 'timings.json', 'report.md', 'plots', 'scores',
            'overlays')
 
@@ -410,6 +412,10 @@ def validate(config):
   if pc.learning_rate <= 0:
     raise errors.UserError(f'config.sweep.proxies.learning_rate={pc.learning_rate!r} is not '
                            'allowed: must be > 0')
+  bad = [m for m in sc.methods if m not in METHODS]
+  if not sc.methods or bad:
+    raise errors.UserError(f'config.sweep.methods={tuple(sc.methods)!r} is not allowed: must be '
+                           f'some of {METHODS}')
   bad = [d for d in sc.dtypes if d not in backbones.DTYPES]
   if bad:
     raise errors.UserError(f'config.sweep.dtypes={tuple(sc.dtypes)!r} is not allowed: must be '
@@ -512,6 +518,53 @@ def _searches(variant, bank_rows, features, settings, config, key):
     yield full, record, scores, maps, extra
 
 
+def _baseline(config, method, fv, split, settings, key, loaded):
+  """One baseline (`baselines.METHODS`) on one category with a feature variant's backbone and
+  dtype, at config.data.image_size: (record, image scores, labels, masks, has_masks)."""
+  # One backbone per name serves every baseline: it returns the union of their stages.
+  if (fv['backbone'], 'baselines') not in loaded:
+    _, strides = backbones.build_model(fv['backbone'], backbones.DEFAULT_STAGES[fv['backbone']])
+    needed = {s for m in config.sweep.methods if m in baselines.METHODS
+              for s in baselines.method_stages(m, strides)}
+    spec = dataclasses.replace(
+        config_lib.backbone_spec(config), name=fv['backbone'],
+        checkpoint='' if fv['backbone'] != config.backbone.name else config.backbone.checkpoint,
+        stages=tuple(s for s in strides if s in needed))
+    loaded[fv['backbone'], 'baselines'] = spec.load(image_size=settings.image_size)
+  backbone = backbones.with_dtype(loaded[fv['backbone'], 'baselines'], fv['dtype'])
+  stages = baselines.method_stages(method, backbone.strides)
+  masks = []
+
+  def batches(samples, with_masks=False):
+    for batch in data_lib.to_device(data_lib.iterate_batches(
+        samples, batch_size=settings.batch_size, image_config=settings.image_config,
+        with_masks=with_masks, num_workers=config.data.num_workers)):
+      if with_masks:
+        masks.append(batch.masks[:batch.count])
+      yield batch
+
+  run = baselines.fit_and_score(method, backbone, batches(split.train),
+                                batches(split.test, with_masks=True),
+                                image_size=settings.image_size, key=key, stages=stages)
+  labels = np.array([s.label for s in split.test])
+  masks = np.concatenate(masks)
+  has_masks = split.has_masks
+  record = scores_record(labels, run.image_scores, masks,
+                         run.maps if run.maps is not None else None,
+                         has_masks and run.maps is not None)
+  if run.maps is None and has_masks:
+    record.setdefault('metric_notes', {}).update(
+        {m: f'{method} scores whole images (no anomaly map)' for m in ('pixel_auroc', 'au_pro')})
+  n = len(split.test)
+  record.update(
+      variant=dict(method=method, backbone=fv['backbone'], dtype=fv['dtype'],
+                   stages='+'.join(stages), image_size=settings.image_size),
+      memory_bank_size=None, memory_bank_usage=None, fit_seconds=run.fit_seconds,
+      subsample_seconds=run.fit_seconds, score_seconds=run.test_seconds,
+      ms_per_image=1000.0 * run.test_seconds / n)
+  return record, run.image_scores, labels, masks, has_masks
+
+
 def _category(config, name, split, settings, key, workdir, records, timings, loaded):
   """Every variant of one category; appends to `records`, fills timings[name]; `loaded` holds the
   backbones loaded so far, by (name, hierarchy)."""
@@ -520,7 +573,7 @@ def _category(config, name, split, settings, key, workdir, records, timings, loa
   start = time.perf_counter()
   kept, columns, overlay_done = [], [], False
   labels = masks = has_masks = None
-  for fv in feature_variants(config):
+  for fv in feature_variants(config) if 'patchcore' in sc.methods else ():
     fsettings = feature_settings(settings, config, fv)
     if (fv['backbone'], fv['hierarchy']) not in loaded:  # Once per process, as the compilation.
       loaded[fv['backbone'], fv['hierarchy']] = load_backbone(
@@ -535,7 +588,7 @@ def _category(config, name, split, settings, key, workdir, records, timings, loa
     logging.info('[%s] %s: features of %d training and %d test images in %.1f s (%.1f ms per '
                  'test image)', name, fv, len(split.train), len(split.test), features.seconds,
                  embed_ms)
-    base = dict(fv, stages='+'.join(backbone.stages))
+    base = dict(fv, method='patchcore', stages='+'.join(backbone.stages))
     for shot, bank_all in shot_banks(features, h * w, config):
       for sub, bank_rows, seconds in variants_of(bank_all, config, key):
         for variant, record, scores, maps, extra in _searches(
@@ -560,6 +613,19 @@ def _category(config, name, split, settings, key, workdir, records, timings, loa
           files.write_json(os.path.join(workdir, 'sweep.json'), records)
           seconds = 0.0  # The subsampling is counted once, with its first scoring.
     del features, bank_all, bank_rows  # Before the next variant's extraction.
+  for method in (m for m in sc.methods if m != 'patchcore'):
+    for fv in feature_variants(config):
+      record, scores, labels, masks, has_masks = _baseline(config, method, fv, split, settings,
+                                                           key, loaded)
+      record.update(category=name)
+      records.append(record)
+      columns.append((f'v{len(records) - 1}', scores))
+      t['variants'].append(dict(variant=record['variant'], fit_seconds=record['fit_seconds'],
+                                score_seconds=record['score_seconds']))
+      logging.info('[%s] %s: image AUROC %.4f, %.1f ms per image (fit %.1f s)', name,
+                   record['variant'], record['image_auroc'], record['ms_per_image'],
+                   record['fit_seconds'])
+      files.write_json(os.path.join(workdir, 'sweep.json'), records)
   if sc.ensemble:
     needed = tuple(dict.fromkeys(sc.backbones))
     for e in ensemble_records(kept, labels, masks, has_masks, needed):

@@ -14,7 +14,7 @@ def _pct(value):
 
 
 def _fmt_value(key, value):
-  if key == 'percentage':
+  if key == 'percentage' and isinstance(value, (int, float)):
     return f'{100 * value:g} %'
   return str(value)
 
