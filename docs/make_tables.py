@@ -389,6 +389,8 @@ PAPER = (
     ('paper_fig5', 'Fig. 5: subsampling'),
     ('paper_lowshot', 'Table S5: low-shot (mean ± std over seeds)'),
     ('paper_table6', 'Table 6: Magnetic Tile Defects'),
+    ('paper_comparison_bottle', 'Tables 1-3: PatchCore beside PaDiM, SPADE and MahalanobisAD, bottle'),
+    ('paper_comparison_mtd', 'Tables 1-3 and 6: PatchCore beside PaDiM, SPADE and MahalanobisAD, MTD'),
 )
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from patchcore_jax import backbones as backbones_lib
 from patchcore_jax import features as features_lib
+from patchcore_jax import knn
 from patchcore_jax import scoring
 
 HI = lax.Precision.HIGHEST
@@ -194,16 +195,25 @@ def spade_pyramid(maps):
 def spade_pixel_scores(train_pyramid, test_pyramid, neighbours, *, top=SPADE_PIXELS):
   """train_pyramid [N, H, W, C], test_pyramid [B, H, W, C], neighbours [B, K] (training
   images) -> [B, H, W]: every test pixel's mean L2 distance to its `top` nearest pixel features
-  among all pixels of its image's K neighbours."""
+  among all pixels of its image's K neighbours. The neighbours are scanned one image at a time
+  (`knn.scan_partial` on its H * W rows), so memory holds one [H * W, H * W] block of distances."""
   n, h, w, c = train_pyramid.shape
+  flat = train_pyramid.reshape(n, h * w, c)
+  norms = jnp.sum(flat * flat, axis=-1)
 
-  def one(pyramid, nearest):
-    gallery = jnp.take(train_pyramid, nearest, axis=0).reshape(-1, c)
-    d = _l2(pyramid.reshape(-1, c), gallery)
-    neg, _ = lax.top_k(-d, top)
-    return jnp.mean(-neg, axis=1).reshape(h, w)
+  def one(args):
+    pyramid, nearest = args
+    queries = pyramid.reshape(h * w, c)
 
-  return lax.map(lambda args: one(*args), (test_pyramid, neighbours))
+    def step(best, index):
+      values, _ = knn.scan_partial(queries, flat[index][None], norms[index][None], k=top)
+      merged = jnp.concatenate([best, values], axis=1)
+      return -lax.top_k(-merged, top)[0], None
+
+    best, _ = lax.scan(step, jnp.full((h * w, top), jnp.inf, jnp.float32), nearest)
+    return jnp.mean(jnp.sqrt(knn.finish_distances(queries, best)), axis=1).reshape(h, w)
+
+  return lax.map(one, (test_pyramid, neighbours))
 
 
 @functools.partial(jax.jit, static_argnames=('size', 'sigma'))
