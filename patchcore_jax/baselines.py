@@ -21,7 +21,8 @@ the image score is the map's maximum.
 
 SPADE (Cohen & Hoshen 2020, "Sub-Image Anomaly Detection with Deep Pyramid Correspondences"): an
 image's score is its mean L2 distance to its K = 50 nearest training images in the pooled deepest
-features; a pixel's score is its L2 distance to the nearest pixel feature (k = 1) of those K
+level's features (level 4 where the backbone has it, as the paper's pre-classifier features); a
+pixel's score is its L2 distance to the nearest pixel feature (k = 1) of those K
 images (the feature pyramid of the first three levels, bilinearly brought to the first one's
 grid), upsampled and smoothed as above.
 """
@@ -236,11 +237,13 @@ PADIM_DEFAULT_DIM = 100
 
 def method_stages(method, strides):
   """The stages a method reads, shallowest first, from a backbone's {stage: stride}: levels 1-3
-  (strides 4, 8, 16; the last stage of each) for PaDiM and SPADE, whose deepest pooled map also
-  ranks SPADE's images; every level from 1 up (strides 4, 8, 16, 32) for MahalanobisAD."""
+  (strides 4, 8, 16; the last stage of each) for PaDiM; every level from 1 up (strides 4 to 64,
+  those the backbone has) for MahalanobisAD and SPADE, whose pixels read levels 1-3 and whose
+  images are ranked by the deepest level, pooled (the paper: the last layer before the
+  classifier)."""
   if method not in METHODS:
     raise ValueError(f'method must be one of {METHODS}, got {method!r}')
-  top = 5 if method == 'mahalanobis' else 3
+  top = 3 if method == 'padim' else 5
   out = []
   for level in range(1, top + 1):
     found = [s for s, v in strides.items() if v == 2 ** (level + 1)
@@ -307,7 +310,7 @@ def fit_and_score(method, backbone, train_batches, test_batches, *, image_size, 
         d = min(padim_dim or PADIM_DIMS.get(backbone.name, PADIM_DEFAULT_DIM), total)
         channels = padim_channels(key, total, d)
       return [jnp.take(embedding, channels, axis=-1)]
-    return [spade_pyramid(maps), jnp.mean(maps[-1], axis=(1, 2))]
+    return [spade_pyramid(maps[:3]), jnp.mean(maps[-1], axis=(1, 2))]
 
   start = time.perf_counter()
   train = features(train_batches)

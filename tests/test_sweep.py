@@ -305,6 +305,7 @@ def test_baselines_run_beside_patchcore_on_the_same_backbone(tmp_path):
                                                        'mahalanobis']
   by_method = {r['variant']['method']: r for r in records}
   assert by_method['padim']['variant']['stages'] == 'layer1+layer2+layer3'
+  assert by_method['spade']['variant']['stages'] == 'layer1+layer2+layer3+layer4'
   assert by_method['mahalanobis']['variant']['stages'] == 'layer1+layer2+layer3+layer4'
   for method in ('padim', 'spade'):
     r = by_method[method]

@@ -6,8 +6,9 @@ r"""Tables 1-3's comparison on one dataset: PatchCore beside PaDiM, SPADE and Ma
       --config.data.root=/path/to/mtd --workdir=workdirs/comparison_mtd
 
 One sweep: each backbone's features are extracted once for PatchCore (stages 2+3, the greedy
-coreset at every percentage) and once for the baselines (levels 1-3 for PaDiM and SPADE, 1-4 for
-MahalanobisAD; patchcore_jax/baselines.py), all at 224 px, every method scored on the same test
+coreset at every percentage) and once for the baselines (levels 1-3 for PaDiM and SPADE's pixels,
+every level the backbone has for MahalanobisAD and SPADE's image ranking;
+patchcore_jax/baselines.py), all at 224 px, every method scored on the same test
 images: image AUROC, pixel AUROC, AU-PRO (PaDiM and SPADE map; MahalanobisAD scores whole images)
 and ms per image in report.md.
 
