@@ -30,6 +30,7 @@ Ours, 2-core AMD EPYC (image AUROC / pixel AUROC / AU-PRO, ms per test image; do
   above PatchCore's.
 """
 from configs import common
+from configs.paper import set_paper
 
 
 def get_config(arg=None):
@@ -53,5 +54,6 @@ def get_config(arg=None):
   config.sweep.backbones = names
   config.sweep.percentages = tuple(float(p) for p in args['percentages'].split('+'))
   config.sweep.seeds = ()
+  set_paper(config, 'comparison')
   config.lock()
   return config
