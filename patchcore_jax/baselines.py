@@ -290,16 +290,9 @@ def fit_and_score(method, backbone, train_batches, test_batches, *, image_size, 
   maps_of = functools.partial(_stage_maps, model=backbone.model, dtype=backbone.dtype,
                               returned=tuple(backbone.stages), stages=stages)
 
-  def features(batches):
-    out = []
-    for batch in batches:
-      maps = maps_of(backbone.variables, jnp.asarray(batch.images))
-      out.append(jax.tree_util.tree_map(lambda m: np.asarray(m)[:batch.count], _prepare(maps)))
-    return [np.concatenate(parts) for parts in zip(*out)]
-
   channels = None
 
-  def _prepare(maps):
+  def prepare(maps):  # A batch's stage maps -> what the method keeps of them.
     nonlocal channels
     if method == 'mahalanobis':
       return pool(maps)
@@ -311,6 +304,13 @@ def fit_and_score(method, backbone, train_batches, test_batches, *, image_size, 
         channels = padim_channels(key, total, d)
       return [jnp.take(embedding, channels, axis=-1)]
     return [spade_pyramid(maps[:3]), jnp.mean(maps[-1], axis=(1, 2))]
+
+  def features(batches):
+    out = []
+    for batch in batches:
+      maps = maps_of(backbone.variables, jnp.asarray(batch.images))
+      out.append(jax.tree_util.tree_map(lambda m: np.asarray(m)[:batch.count], prepare(maps)))
+    return [np.concatenate(parts) for parts in zip(*out)]
 
   start = time.perf_counter()
   train = features(train_batches)
