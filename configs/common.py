@@ -120,6 +120,29 @@ def get_base_config(backbone='efficientnet_lite2'):
   return config
 
 
+def dataset_sweep_base(args):
+  """The unlocked sweep config over `args['backbones']` ('+'-joined) on `args['dataset']`: 'mvtec'
+  (the '+'-joined `args['category']`) or 'mtd' (configs/mtd.py's protocol: resize, no crop), at
+  the '+'-joined coreset fractions `args['percentages']`."""
+  names = tuple(args['backbones'].split('+'))
+  config = get_base_config(names[0])
+  config.job = 'sweep'
+  if args['dataset'] == 'mtd':
+    config.data.name = 'mtd'
+    config.data.categories = ('mtd',)
+    config.data.transform = 'resize'
+  elif args['dataset'] == 'mvtec':
+    config.data.name = 'mvtec'
+    config.data.categories = tuple(args['category'].split('+'))
+  else:
+    raise ValueError(f"dataset must be mvtec or mtd, got {args['dataset']!r}")
+  config.sweep = sweep_config()
+  config.sweep.backbones = names
+  config.sweep.percentages = tuple(float(p) for p in args['percentages'].split('+'))
+  config.sweep.seeds = ()
+  return config
+
+
 def sweep_config():
   """The `config.sweep` fields of a sweep (patchcore_jax/jobs/sweep.py)."""
   sweep = ml_collections.ConfigDict()

@@ -23,22 +23,7 @@ from configs import common
 def get_config(arg=None):
   args = common.parse_arg(arg, dataset='mvtec', category='bottle',
                           backbones='vgg16+efficientnet_lite2', percentages='0.1')
-  names = tuple(args['backbones'].split('+'))
-  config = common.get_base_config(names[0])
-  config.job = 'sweep'
-  if args['dataset'] == 'mtd':
-    config.data.name = 'mtd'
-    config.data.categories = ('mtd',)
-    config.data.transform = 'resize'  # configs/mtd.py's protocol.
-  elif args['dataset'] == 'mvtec':
-    config.data.name = 'mvtec'
-    config.data.categories = tuple(args['category'].split('+'))
-  else:
-    raise ValueError(f"dataset must be mvtec or mtd, got {args['dataset']!r}")
-  config.sweep = common.sweep_config()
-  config.sweep.backbones = names
+  config = common.dataset_sweep_base(args)
   config.sweep.dtypes = ('float32', 'bfloat16')
-  config.sweep.percentages = tuple(float(p) for p in args['percentages'].split('+'))
-  config.sweep.seeds = ()
   config.lock()
   return config

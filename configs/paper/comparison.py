@@ -37,23 +37,8 @@ def get_config(arg=None):
   args = common.parse_arg(arg, dataset='mvtec', category='bottle',
                           backbones='efficientnet_lite2+vgg16', percentages='0.1+0.01',
                           methods='patchcore+padim+spade+mahalanobis')
-  names = tuple(args['backbones'].split('+'))
-  config = common.get_base_config(names[0])
-  config.job = 'sweep'
-  if args['dataset'] == 'mtd':
-    config.data.name = 'mtd'
-    config.data.categories = ('mtd',)
-    config.data.transform = 'resize'
-  elif args['dataset'] == 'mvtec':
-    config.data.name = 'mvtec'
-    config.data.categories = tuple(args['category'].split('+'))
-  else:
-    raise ValueError(f"dataset must be mvtec or mtd, got {args['dataset']!r}")
-  config.sweep = common.sweep_config()
+  config = common.dataset_sweep_base(args)
   config.sweep.methods = tuple(args['methods'].split('+'))
-  config.sweep.backbones = names
-  config.sweep.percentages = tuple(float(p) for p in args['percentages'].split('+'))
-  config.sweep.seeds = ()
   set_paper(config, 'comparison')
   config.lock()
   return config
